@@ -1,0 +1,9 @@
+"""avss_fast: fused kernels for layer statistics (AVSS, EAVSS, Block Influence), layer
+pruning and attention-head interventions in large language models."""
+
+from .ops import block_similarity, layer_moments
+from .stats import Moments, Similarity
+
+__version__ = "0.1.0"
+
+__all__ = ["Moments", "Similarity", "layer_moments", "block_similarity", "__version__"]

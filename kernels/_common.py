@@ -1,0 +1,37 @@
+"""Helpers shared by the launchers."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+#: Largest finite fp32; ``|x| <= FLT_MAX`` is false exactly for NaN and +-Inf.
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
+
+
+def kernel_mask(attention_mask: torch.Tensor | None, dummy: torch.Tensor):
+    """(mask tensor, stride_b, stride_t, has_mask) for a [B, T] padding mask.
+
+    bool and float masks become int8 (nonzero = valid); integer masks pass as they are.
+    Without a mask, ``dummy`` stands in as a pointer that is never read.
+    """
+    if attention_mask is None:
+        return dummy, 0, 0, False
+    mask = attention_mask
+    if mask.dtype == torch.bool:
+        mask = mask.to(torch.int8)
+    elif mask.is_floating_point():
+        mask = (mask != 0).to(torch.int8)
+    return mask, mask.stride(0), mask.stride(1), True
+
+
+def row_tiles(T: int, D: int, device: torch.device, gpu_block_t: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_D, num_warps) for a kernel that walks D in chunks for a tile of tokens.
+
+    Under the interpreter (CPU tensors) programs run one by one, so take the largest tiles
+    that cover the problem; on GPU, tiles sized for occupancy and coalesced rows.
+    """
+    if device.type == "cpu":
+        return min(64, triton.next_power_of_2(max(T, 1))), min(1024, triton.next_power_of_2(max(D, 1))), 1
+    return gpu_block_t, min(512, triton.next_power_of_2(max(D, 16))), 8

@@ -1,0 +1,88 @@
+"""Per-token cosine similarity of a block's input and output, one read of each.
+
+For each token t (rows of the flattened [B*T, D] views) one pass over d accumulates,
+in fp32, ``dot = sum a_d b_d``, ``|a|^2`` and ``|b|^2`` and counts non-finite values.
+Epilogue: ``cos = dot / max(|a| |b|, eps)`` clamped to [-1, 1], and a status per row:
+1 = counted, 0 = padding, -1 = a NaN/Inf in either vector (skipped).
+
+The arccos and the float64 sums over rows (B*T values, tiny next to B*T*D) are done
+by the caller with device tensor ops, since Triton has no arccos without libdevice.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import FLT_MAX, kernel_mask, row_tiles
+
+
+@triton.jit
+def _block_similarity_kernel(
+    a_ptr, b_ptr, mask_ptr, cos_ptr, status_ptr,
+    T, D,
+    stride_ab, stride_at, stride_bb, stride_bt, stride_mb, stride_mt,
+    eps,
+    HAS_MASK: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_t = tl.program_id(1).to(tl.int64)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_t = offs_t < T
+    if HAS_MASK:
+        m = tl.load(mask_ptr + pid_b * stride_mb + offs_t * stride_mt, mask=in_t, other=0)
+        row_ok = in_t & (m != 0)
+    else:
+        row_ok = in_t
+    a_base = a_ptr + pid_b * stride_ab + offs_t[:, None] * stride_at
+    b_base = b_ptr + pid_b * stride_bb + offs_t[:, None] * stride_bt
+    dot = tl.zeros([BLOCK_T], dtype=tl.float32)
+    na = tl.zeros([BLOCK_T], dtype=tl.float32)
+    nb = tl.zeros([BLOCK_T], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_T], dtype=tl.int32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        ok = row_ok[:, None] & (offs_d[None, :] < D)
+        a = tl.load(a_base + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+        b = tl.load(b_base + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+        fin = (tl.abs(a) <= FLT_MAX) & (tl.abs(b) <= FLT_MAX)
+        bad += tl.sum((fin == 0).to(tl.int32), axis=1)
+        a = tl.where(fin, a, 0.0)
+        b = tl.where(fin, b, 0.0)
+        dot += tl.sum(a * b, axis=1)
+        na += tl.sum(a * a, axis=1)
+        nb += tl.sum(b * b, axis=1)
+    denom = tl.maximum(tl.sqrt(na) * tl.sqrt(nb), eps)
+    cos = tl.minimum(tl.maximum(dot / denom, -1.0), 1.0)
+    status = tl.where(row_ok, tl.where(bad > 0, -1, 1), 0)
+    rows = pid_b * T + offs_t
+    tl.store(cos_ptr + rows, cos, mask=in_t)
+    tl.store(status_ptr + rows, status.to(tl.int8), mask=in_t)
+
+
+def block_similarity_rows(
+    h_in: torch.Tensor, h_out: torch.Tensor, attention_mask: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the kernel on h_in, h_out [B, T, D]; return per-token ``cos`` [B*T] fp32
+    and ``status`` [B*T] int8 (1 counted, 0 padding, -1 non-finite)."""
+    if h_in.stride(-1) != 1:
+        h_in = h_in.contiguous()
+    if h_out.stride(-1) != 1:
+        h_out = h_out.contiguous()
+    B, T, D = h_in.shape
+    dev = h_in.device
+    BLOCK_T, BLOCK_D, num_warps = row_tiles(T, D, dev, gpu_block_t=16)
+    cos = torch.empty((B * T,), dtype=torch.float32, device=dev)
+    status = torch.zeros((B * T,), dtype=torch.int8, device=dev)
+    mask, smb, smt, has_mask = kernel_mask(attention_mask, h_in)
+    if B * T > 0 and D > 0:
+        grid = (B, triton.cdiv(T, BLOCK_T))
+        _block_similarity_kernel[grid](
+            h_in, h_out, mask, cos, status, T, D,
+            h_in.stride(0), h_in.stride(1), h_out.stride(0), h_out.stride(1), smb, smt,
+            float(eps), HAS_MASK=has_mask, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=num_warps,
+        )
+    return cos, status
