@@ -62,8 +62,11 @@ def layer_moments_packed(
             x = hb[s : s + step]
             x = x if x.dtype == torch.float32 else x.float()
             r = x.shape[0]
-            var, mean = torch.var_mean(x, dim=1, correction=1)
-            if D >= 2 and bool(torch.isfinite(var).all()) and bool(torch.isfinite(mean).all()):
+            if D >= 2:
+                var, mean = torch.var_mean(x, dim=1, correction=1)
+            else:  # a variance needs two values: let the masked path handle it
+                var = mean = torch.full((r,), float("nan"), device=dev)
+            if bool(torch.isfinite(var).all()) and bool(torch.isfinite(mean).all()):
                 n_r = torch.full((r,), D, dtype=_I64, device=dev)
                 m2_r = var.to(_F64) * (D - 1)
                 colsum += x.sum(0)

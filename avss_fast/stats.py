@@ -69,35 +69,42 @@ def chan_reduce(n: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor):
 
 
 class _Accumulator:
-    """Shared machinery: dataclass of 0-dim tensors, counts int64, sums float64."""
+    """Shared machinery: a frozen dataclass of 0-dim tensors, int64 counts and float64 sums.
+
+    Subclasses list their fields in ``_counts`` (int64) and ``_sums`` (float64), in the
+    dataclass's field order; plain tuples keep the hot paths free of ``dataclasses``
+    introspection, which ``torch.compile`` cannot trace.
+    """
 
     _counts: ClassVar[tuple[str, ...]] = ()
+    _sums: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def _names(cls) -> tuple[str, ...]:
+        return cls._counts + cls._sums
 
     @classmethod
     def zeros(cls, device=None):
-        kw = {}
-        for f in dataclasses.fields(cls):
-            kw[f.name] = _zero_i(device) if f.name in cls._counts else _zero_f(device)
-        return cls(**kw)
+        return cls(**{n: _zero_i(device) for n in cls._counts}, **{n: _zero_f(device) for n in cls._sums})
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            dtype = _I64 if f.name in self._counts else _F64
+        for name in self._names():
+            v = getattr(self, name)
+            dtype = _I64 if name in self._counts else _F64
             if not isinstance(v, torch.Tensor):
                 v = torch.tensor(v, dtype=dtype)
             elif v.dtype != dtype:
                 v = v.to(dtype)
             if v.dim() != 0:
-                raise ValueError(f"{type(self).__name__}.{f.name} must be a scalar, got shape {tuple(v.shape)}")
-            object.__setattr__(self, f.name, v)
+                raise ValueError(f"{type(self).__name__}.{name} must be a scalar, got shape {tuple(v.shape)}")
+            object.__setattr__(self, name, v)
 
     @property
     def device(self) -> torch.device:
-        return getattr(self, dataclasses.fields(self)[0].name).device
+        return getattr(self, self._counts[0]).device
 
-    def to(self, device) -> "_Accumulator":
-        return type(self)(**{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
+    def to(self, device):
+        return type(self)(**{n: getattr(self, n).to(device) for n in self._names()})
 
     def raw(self) -> dict:
         """The stored fields as Python numbers (synchronises)."""
@@ -105,30 +112,30 @@ class _Accumulator:
 
     @classmethod
     def from_raw(cls, d: dict, device=None):
-        names = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in d]
+        missing = [n for n in cls._names() if n not in d]
         if missing:
             raise ValueError(f"{cls.__name__}.from_raw: missing fields {missing}")
-        return cls(**{n: torch.tensor(d[n], dtype=_I64 if n in cls._counts else _F64, device=device) for n in names})
+        return cls(**{n: torch.tensor(d[n], dtype=_I64 if n in cls._counts else _F64, device=device) for n in cls._names()})
 
-    def _pack(self):
-        names = [f.name for f in dataclasses.fields(self)]
-        ints = torch.stack([getattr(self, n) for n in names if n in self._counts])
-        flts = torch.stack([getattr(self, n) for n in names if n not in self._counts])
+    def _pack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int64 vector of the counts, float64 vector of the sums), in ``_counts``/``_sums`` order."""
+        ints = torch.stack([getattr(self, n) for n in self._counts])
+        flts = torch.stack([getattr(self, n) for n in self._sums])
         return ints, flts
 
     @classmethod
-    def _unpack(cls, ints, flts):
-        names = [f.name for f in dataclasses.fields(cls)]
-        it_i, it_f = iter(ints), iter(flts)
-        return cls(**{n: (next(it_i) if n in cls._counts else next(it_f)) for n in names})
+    def _unpack(cls, ints: torch.Tensor, flts: torch.Tensor):
+        kw = {n: ints[i] for i, n in enumerate(cls._counts)}
+        kw.update({n: flts[i] for i, n in enumerate(cls._sums)})
+        return cls(**kw)
 
     def all_reduce(self, group=None):
         """Merge this accumulator across all ranks of a ``torch.distributed`` group.
 
         Every rank's fields are gathered and merged in rank order, so every rank gets
         the same result, equal (to float64 rounding) to one process that saw all data.
-        Returns a new accumulator; ``self`` is unchanged.
+        Returns a new accumulator; ``self`` is unchanged. Without an initialised process
+        group it returns ``self``.
         """
         import torch.distributed as dist
 
@@ -174,6 +181,7 @@ class Moments(_Accumulator):
     nonfinite: torch.Tensor
 
     _counts: ClassVar[tuple[str, ...]] = ("samples", "tokens", "elements", "near_zero", "nonfinite")
+    _sums: ClassVar[tuple[str, ...]] = ("pooled_var_sum", "token_var_sum", "mean", "m2")
 
     def __add__(self, other: "Moments") -> "Moments":
         if not isinstance(other, Moments):
@@ -234,6 +242,7 @@ class Similarity(_Accumulator):
     nonfinite: torch.Tensor
 
     _counts: ClassVar[tuple[str, ...]] = ("tokens", "nonfinite")
+    _sums: ClassVar[tuple[str, ...]] = ("cos_sum", "angular_sum")
 
     def __add__(self, other: "Similarity") -> "Similarity":
         if not isinstance(other, Similarity):

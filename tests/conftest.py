@@ -1,0 +1,45 @@
+"""Test set-up: kernels run under the Triton interpreter on CPU.
+
+TRITON_INTERPRET must be set before any ``@triton.jit`` runs, so it is set here, before
+avss_fast is imported. CPU tensors then *could* take the Triton path by default; tests
+default to the fused torch path (what CPU users run) and ask for ``triton`` explicitly
+through the ``backend`` fixture or ``AVSS_FAST_BACKEND``.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("AVSS_FAST_BACKEND", "torch")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    """Run a test once per fast backend (triton = kernels under the interpreter)."""
+    monkeypatch.setenv("AVSS_FAST_BACKEND", request.param)
+    return request.param
+
+
+def assert_close_verbose(actual, expected, *, rtol, atol, what=""):
+    """allclose with a message that names the field and the size of the miss."""
+    a, e = float(actual), float(expected)
+    err = abs(a - e)
+    bound = atol + rtol * abs(e)
+    assert err <= bound, f"{what}: got {a!r}, expected {e!r}, |diff| {err:.3g} > {bound:.3g} (rtol={rtol}, atol={atol})"
+
+
+def assert_moments_close(got, ref, *, rtol=1e-5, atol=1e-6, fields=None):
+    """Counts must match exactly; float fields within tolerance."""
+    g, r = got.raw(), ref.raw()
+    for k in fields or g:
+        if isinstance(r[k], int):
+            assert g[k] == r[k], f"{k}: got {g[k]}, expected {r[k]}"
+        else:
+            assert_close_verbose(g[k], r[k], rtol=rtol, atol=atol, what=k)

@@ -1,0 +1,265 @@
+"""layer_moments / block_similarity: reference against hand-computed cases, and both fast
+backends (fused torch path, Triton kernels under the interpreter) against the reference."""
+
+import math
+
+import pytest
+import torch
+from conftest import assert_close_verbose, assert_moments_close
+
+from avss_fast import ops, reference
+from avss_fast.stats import Moments
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Inputs are compared against the float64 reference on the *same* low-precision values
+# (upcast exactly), so only fp32 accumulation error remains, whatever the input dtype.
+RTOL = {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
+
+
+# ----------------------------------------------------------------------------- reference by hand
+
+
+def test_reference_hand_computed():
+    h = torch.tensor([[[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]]])
+    m = reference.layer_moments(h, sparsity_eps=1e-5)
+    # per-sample token mean [2, 3, 4] -> unbiased variance 1
+    assert m.raw() == dict(
+        samples=1, tokens=2, elements=6, pooled_var_sum=1.0, token_var_sum=2.0,
+        mean=3.0, m2=10.0, near_zero=0, nonfinite=0,
+    )
+    assert m.pooled_variance == 1.0 and m.variance == 2.0 and m.sparsity == 0.0
+
+
+def test_reference_hand_computed_mask_nan_and_zeros():
+    h = torch.tensor(
+        [
+            [[0.0, 2.0, 4.0], [1.0, float("nan"), 1.0], [9.0, 9.0, 9.0]],  # third token is padding
+            [[5.0, 5.0, 5.0], [7.0, 7.0, 7.0], [0.0, 0.0, 0.0]],  # whole sample is padding
+        ]
+    )
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    m = reference.layer_moments(h, mask)
+    r = m.raw()
+    # sample 0: column means over finite valid values: [0.5, 2.0, 2.5], mean 5/3
+    # -> unbiased variance ((7/6)^2 + (1/3)^2 + (5/6)^2) / 2 = 13/12
+    assert r["samples"] == 1 and r["pooled_var_sum"] == pytest.approx(13 / 12)
+    # token vars: [0,2,4] -> 4 ; [1,1] -> 0
+    assert r["tokens"] == 2 and r["token_var_sum"] == pytest.approx(4.0)
+    # elements 0,2,4,1,1 -> mean 1.6, m2 = 2.56+0.16+5.76+0.36+0.36 = 9.2
+    assert r["elements"] == 5 and r["mean"] == pytest.approx(1.6) and r["m2"] == pytest.approx(9.2)
+    assert r["near_zero"] == 1 and r["nonfinite"] == 1
+
+
+def test_reference_relative_threshold_by_hand():
+    h = torch.tensor([[[0.01, 1.0, -1.0, 1.0]]])  # rms ~ 0.866
+    assert reference.layer_moments(h, sparsity_rel=0.1).raw()["near_zero"] == 1
+    assert reference.layer_moments(h, sparsity_rel=1.2).raw()["near_zero"] == 4
+    assert reference.layer_moments(h, sparsity_eps=1e-5).raw()["near_zero"] == 0
+
+
+def test_reference_similarity_by_hand():
+    a = torch.tensor([[[1.0, 0.0], [1.0, 1.0], [1.0, 2.0], [0.0, 0.0]]])
+    b = torch.tensor([[[0.0, 3.0], [2.0, 2.0], [-1.0, -2.0], [1.0, 1.0]]])
+    s = reference.block_similarity(a, b)
+    # cos: 0, 1, -1, 0 (zero vector) ; angles/pi: .5, 0, 1, .5
+    assert s.raw() == dict(tokens=4, cos_sum=0.0, angular_sum=2.0, nonfinite=0)
+    assert s.block_influence == 1.0 and s.angular_distance == 0.5
+
+
+def test_published_avss_equals_pooled_statistics():
+    torch.manual_seed(1)
+    batches = [torch.randn(4, 9, 33) * (i + 1) for i in range(3)]
+    for b in batches:
+        b[b.abs() < 0.05] = 0.0  # some exact zeros so sparsity is not 0
+    var_pub, spa_pub = reference.avss_published(batches)
+    total = sum(ops.layer_moments(b) for b in batches)
+    assert total.pooled_variance == pytest.approx(var_pub, rel=1e-6)
+    assert total.sparsity == pytest.approx(spa_pub, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- fast paths vs reference
+
+
+def _activations(shape, dtype, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(shape, generator=g) * scale + 0.3
+    h[torch.rand(shape, generator=g) < 0.05] = 0.0
+    return h.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(5, 123, 123), (1, 1, 7), (3, 70, 1100), (2, 5, 1)])
+def test_layer_moments_matches_reference(backend, dtype, shape):
+    h = _activations(shape, dtype)
+    got = ops.layer_moments(h)
+    ref = reference.layer_moments(h)
+    assert got.elements.dtype == torch.int64 and got.pooled_var_sum.dtype == torch.float64
+    assert_moments_close(got, ref, rtol=RTOL[dtype], atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_layer_moments_masks_padding_and_nonfinite(backend, dtype):
+    h = _activations((4, 37, 65), dtype, seed=3)
+    mask = torch.ones(4, 37, dtype=torch.long)
+    mask[0, 30:] = 0  # right padding
+    mask[1, :5] = 0  # left padding
+    mask[2] = 0  # all-padding row
+    h[0, 31:] = 1e4 if dtype != torch.float16 else 6e4  # garbage under padding
+    h[1, 10, 3] = float("nan")
+    h[1, 12, :] = float("inf")  # a whole token non-finite
+    h[3, 0, 0] = -float("inf")
+    h[0, 35, 0] = float("nan")  # under padding: not counted
+    got = ops.layer_moments(h, mask)
+    ref = reference.layer_moments(h, mask)
+    assert_moments_close(got, ref, rtol=RTOL[dtype], atol=1e-7)
+    assert got.raw()["nonfinite"] == 1 + 65 + 1
+    assert got.raw()["samples"] == 3
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int32, torch.float32])
+def test_mask_dtypes_agree(backend, mask_dtype):
+    h = _activations((2, 9, 20), torch.float32)
+    mask = torch.tensor([[1] * 9, [1] * 4 + [0] * 5])
+    ref = reference.layer_moments(h, mask)
+    assert_moments_close(ops.layer_moments(h, mask.to(mask_dtype)), ref)
+
+
+def test_fp16_large_magnitudes(backend):
+    h = (_activations((2, 40, 300), torch.float32, seed=5) * 2e4).clamp(-65000, 65000).to(torch.float16)
+    got, ref = ops.layer_moments(h), reference.layer_moments(h)
+    assert math.isfinite(float(got.m2))
+    assert_moments_close(got, ref, rtol=2e-5, atol=1e-3)
+    h2 = h.flip(1)
+    s, sref = ops.block_similarity(h, h2), reference.block_similarity(h, h2)
+    assert_close_verbose(s.cos_sum, sref.cos_sum, rtol=1e-5, atol=1e-5, what="cos_sum")
+
+
+def test_relative_sparsity(backend):
+    h = _activations((3, 20, 64), torch.float32, seed=7)
+    ref = reference.layer_moments(h, sparsity_rel=0.05)
+    got = ops.layer_moments(h, sparsity_rel=0.05)
+    assert got.raw()["near_zero"] == ref.raw()["near_zero"] > 0
+    mask = torch.ones(3, 20)
+    mask[1, 15:] = 0
+    assert ops.layer_moments(h, mask, sparsity_rel=0.05).raw()["near_zero"] == reference.layer_moments(
+        h, mask, sparsity_rel=0.05).raw()["near_zero"]
+
+
+def test_non_contiguous_input(backend):
+    base = _activations((3, 50, 40), torch.float32)
+    h = base.transpose(0, 1)[:, ::2]  # [50, 2, 40]-ish view with odd strides
+    h = base[:, ::3, :]
+    assert not h.is_contiguous()
+    assert_moments_close(ops.layer_moments(h), reference.layer_moments(h))
+
+
+def test_deterministic_run_to_run(backend):
+    h = _activations((3, 90, 257), torch.bfloat16, seed=11)
+    a, b = ops.layer_moments(h).raw(), ops.layer_moments(h).raw()
+    assert a == b
+    s1 = ops.block_similarity(h, h.roll(1, 1)).raw()
+    s2 = ops.block_similarity(h, h.roll(1, 1)).raw()
+    assert s1 == s2
+
+
+def test_batches_merge_to_whole(backend):
+    h = _activations((6, 31, 50), torch.float32, seed=2)
+    whole = ops.layer_moments(h)
+    parts = ops.layer_moments(h[:1]) + ops.layer_moments(h[1:4]) + ops.layer_moments(h[4:])
+    assert_moments_close(parts, whole, rtol=1e-9, atol=1e-9)
+
+
+def test_empty_inputs(backend):
+    m = ops.layer_moments(torch.zeros(0, 5, 8))
+    assert m.raw()["elements"] == 0 and math.isnan(m.pooled_variance)
+    s = ops.block_similarity(torch.zeros(2, 0, 8), torch.zeros(2, 0, 8))
+    assert s.raw()["tokens"] == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(5, 123, 123), (2, 3, 1500), (1, 4, 1)])
+def test_block_similarity_matches_reference(backend, dtype, shape):
+    a = _activations(shape, dtype, seed=1)
+    b = (a.float() + 0.5 * _activations(shape, torch.float32, seed=2)).to(dtype)
+    mask = torch.ones(shape[:2], dtype=torch.long)
+    mask[0, shape[1] // 2 :] = 0
+    if shape[1] > 2:
+        b[-1, 1, 0] = float("nan")
+    got, ref = ops.block_similarity(a, b, mask), reference.block_similarity(a, b, mask)
+    assert got.raw()["tokens"] == ref.raw()["tokens"]
+    assert got.raw()["nonfinite"] == ref.raw()["nonfinite"]
+    assert_close_verbose(got.cos_sum, ref.cos_sum, rtol=1e-5, atol=1e-5, what="cos_sum")
+    assert_close_verbose(got.angular_sum, ref.angular_sum, rtol=1e-4, atol=1e-4, what="angular_sum")
+
+
+def test_block_similarity_extremes(backend):
+    a = torch.randn(2, 6, 32)
+    s = ops.block_similarity(a, a * 3.0)
+    assert s.block_influence == pytest.approx(0.0, abs=1e-6)
+    s = ops.block_similarity(a, -a)
+    assert s.mean_cos == pytest.approx(-1.0, abs=1e-6) and s.angular_distance == pytest.approx(1.0, abs=1e-3)
+
+
+def test_float64_input(backend):
+    h = torch.randn(2, 8, 16, dtype=torch.float64)
+    assert_moments_close(ops.layer_moments(h), reference.layer_moments(h), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_bad_inputs_give_clear_errors():
+    h = torch.randn(2, 3, 4)
+    with pytest.raises(TypeError, match="floating-point"):
+        ops.layer_moments(torch.ones(2, 3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[batch, tokens, hidden\]"):
+        ops.layer_moments(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="does not match"):
+        ops.layer_moments(h, torch.ones(2, 4))
+    with pytest.raises(ValueError, match="sparsity_eps"):
+        ops.layer_moments(h, sparsity_eps=-1.0)
+    with pytest.raises(ValueError, match="sparsity_rel"):
+        ops.layer_moments(h, sparsity_rel=0.0)
+    with pytest.raises(ValueError, match="same shape"):
+        ops.block_similarity(h, torch.randn(2, 3, 5))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        ops.layer_moments([[1.0]])
+
+
+def test_unknown_backend_is_an_error(monkeypatch):
+    monkeypatch.setenv("AVSS_FAST_BACKEND", "cuda-magic")
+    with pytest.raises(ValueError, match="AVSS_FAST_BACKEND"):
+        ops.layer_moments(torch.randn(1, 2, 3))
+
+
+def test_reference_backend_dispatch(monkeypatch):
+    monkeypatch.setenv("AVSS_FAST_BACKEND", "reference")
+    h = _activations((2, 5, 9), torch.float32)
+    assert ops.layer_moments(h).raw() == reference.layer_moments(h).raw()
+
+
+# ----------------------------------------------------------------------------- custom op / compile
+
+
+def test_custom_ops_pass_opcheck():
+    h = _activations((2, 6, 10), torch.float32)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    torch.library.opcheck(torch.ops.avss_fast.layer_moments.default, (h, mask, 1e-5, None, "torch"))
+    torch.library.opcheck(torch.ops.avss_fast.block_similarity.default, (h, h + 1, None, 1e-8, "torch"))
+
+
+def test_ops_survive_torch_compile():
+    h = _activations((2, 6, 10), torch.float32)
+
+    def f(x):
+        return ops.layer_moments(x * 2.0).m2
+
+    compiled = torch.compile(f, backend="eager", fullgraph=True)
+    assert float(compiled(h)) == pytest.approx(float(f(h)))
+
+
+def test_moments_field_types():
+    m = ops.layer_moments(_activations((1, 3, 4), torch.float32))
+    assert isinstance(m, Moments)
+    for k in ("samples", "tokens", "elements", "near_zero", "nonfinite"):
+        assert getattr(m, k).dtype == torch.int64
