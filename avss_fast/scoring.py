@@ -1,0 +1,398 @@
+"""Layer scoring: stream text through a model, keep per-block statistics, rank layers.
+
+For block ``l`` with output hidden states ``h`` (valid tokens only, padding excluded):
+
+* variance (AVSS paper): ``Var_l = mean_b Var_d( mean_t h[b, t, d] )`` (unbiased over d);
+* sparsity: ``S_l = #{|h| < eps} / #h`` (``eps = 1e-5`` as in the paper, or a relative
+  threshold ``|h| < rel * rms(h[b, t, :])``);
+* ``AVSS_l = Var_l / max(S_l, 1 / N_l)`` with ``N_l`` the number of values seen. The
+  guard: on real residual streams ``S_l`` at 1e-5 is often exactly 0; ``1 / N_l`` is the
+  smallest non-zero sparsity the data could show, so a layer with no near-zero value
+  ranks as if one value had been near zero. Rankings among layers with non-zero
+  sparsity are unchanged and nothing is ever inf or NaN. (Use ``sparsity_rel`` for a
+  sparsity that is informative on residual streams.);
+* ``nAVSS_l = AVSS_l / sum_k AVSS_k``; ``cAVSS_l`` = cumulative nAVSS over layers taken
+  in ascending AVSS order, up to and including ``l`` (the paper's pruning rule drops
+  layers while cAVSS <= ratio);
+* Block Influence (ShortGPT): ``BI_l = 1 - mean_t cos(x_t, h_t)`` with ``x`` the block
+  input; angular distance ``mean_t arccos(cos) / pi``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import ops
+from .models import block_hidden_from_input, block_hidden_from_output, find_layers, model_device
+from .stats import Moments, Similarity
+
+REPORT_FORMAT = "avss_fast.LayerReport/1"
+AVSS_GUARD = (
+    "avss = pooled_variance / max(sparsity, 1/elements): when no value of a layer is near zero, "
+    "sparsity is replaced by 1/elements, the smallest non-zero sparsity the data could show"
+)
+METRICS = (
+    "avss", "navss", "cavss", "pooled_variance", "token_variance", "variance", "sparsity",
+    "block_influence", "angular_distance",
+)
+
+
+def _mask_from_forward(args, kwargs) -> torch.Tensor | None:
+    """The [B, T] padding mask of a model call, from its keyword or second positional argument."""
+    mask = kwargs.get("attention_mask")
+    if mask is None and len(args) >= 2 and isinstance(args[1], torch.Tensor):
+        ids = args[0] if isinstance(args[0], torch.Tensor) else None
+        if args[1].dim() == 2 and (ids is None or args[1].shape == ids.shape):
+            mask = args[1]
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return mask
+    return None
+
+
+class LayerScorer:
+    """Hooks every block of ``model`` and accumulates :class:`Moments` (block output) and
+    :class:`Similarity` (block input vs output) while the model runs.
+
+    Use as a context manager around ordinary forward calls (or ``generate``)::
+
+        with LayerScorer(model) as scorer:
+            for batch in batches:
+                model(**batch)
+        report = scorer.report()
+
+    The padding mask is read from each top-level model call (``attention_mask``
+    argument); for a block seeing ``T`` positions the last ``T`` columns apply, which
+    also covers decoding with a KV cache. Accumulators stay on each block's device and
+    nothing synchronises the GPU until :meth:`report`. Hooks are removed on exit, also
+    when the body raises.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        layers_path: str | None = None,
+        sparsity_eps: float = 1e-5,
+        sparsity_rel: float | None = None,
+        similarity: bool = True,
+    ):
+        self.model = model
+        self.layers_path, self.layers = find_layers(model, layers_path)
+        self.sparsity_eps = float(sparsity_eps)
+        self.sparsity_rel = None if sparsity_rel is None else float(sparsity_rel)
+        self.similarity = bool(similarity)
+        # validate thresholds now rather than at the first batch
+        ops.layer_moments(torch.zeros(1, 1, 2), sparsity_eps=self.sparsity_eps, sparsity_rel=self.sparsity_rel)
+        self._handles: list = []
+        self._mask: torch.Tensor | None = None
+        self._inputs: dict[int, torch.Tensor] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything accumulated so far."""
+        n = len(self.layers)
+        self.moments: list[Moments | None] = [None] * n
+        self.similarities: list[Similarity | None] = [None] * n
+        self.batches = 0
+
+    # -- hooks -------------------------------------------------------------------------
+
+    def __enter__(self) -> "LayerScorer":
+        if self._handles:
+            raise RuntimeError("LayerScorer is already active")
+        self._handles.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+        for i, block in enumerate(self.layers):
+            if self.similarity:
+                self._handles.append(block.register_forward_pre_hook(self._make_pre_hook(i), with_kwargs=True))
+            self._handles.append(block.register_forward_hook(self._make_hook(i)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._inputs.clear()
+        self._mask = None
+
+    def _on_model_call(self, module, args, kwargs):
+        self._mask = _mask_from_forward(args, kwargs)
+        self.batches += 1
+
+    def _block_mask(self, h: torch.Tensor) -> torch.Tensor | None:
+        m = self._mask
+        if m is None:
+            return None
+        B, T = h.shape[:2]
+        if m.shape[0] != B or m.shape[1] < T:
+            raise ValueError(
+                f"attention_mask {tuple(m.shape)} does not fit a block's hidden states {tuple(h.shape)} "
+                f"(at {self.layers_path}); pass a [batch, tokens] mask to the model call"
+            )
+        return m[:, m.shape[1] - T :]
+
+    def _make_pre_hook(self, i: int):
+        def hook(module, args, kwargs):
+            self._inputs[i] = block_hidden_from_input(args, kwargs)
+
+        return hook
+
+    def _make_hook(self, i: int):
+        def hook(module, args, output):
+            h = block_hidden_from_output(output)
+            mask = self._block_mask(h)
+            m = ops.layer_moments(h, mask, sparsity_eps=self.sparsity_eps, sparsity_rel=self.sparsity_rel)
+            self.moments[i] = m if self.moments[i] is None else self.moments[i] + m
+            if self.similarity:
+                x = self._inputs.pop(i, None)
+                if x is not None and x.shape == h.shape:
+                    s = ops.block_similarity(x, h, mask)
+                    self.similarities[i] = s if self.similarities[i] is None else self.similarities[i] + s
+
+        return hook
+
+    # -- results -----------------------------------------------------------------------
+
+    def report(self, *, model_name: str | None = None, all_reduce: bool | None = None) -> "LayerReport":
+        """Build the :class:`LayerReport` (synchronises once). With ``torch.distributed``
+        initialised (or ``all_reduce=True``), statistics are first merged across ranks."""
+        if all(m is None for m in self.moments):
+            raise ValueError("LayerScorer saw no data: run the model inside the `with` block first")
+        import torch.distributed as dist
+
+        if all_reduce is None:
+            all_reduce = dist.is_available() and dist.is_initialized()
+        moments, sims = [], []
+        for m, s in zip(self.moments, self.similarities):
+            m = m if m is not None else Moments.zeros()
+            if all_reduce:
+                m = m.all_reduce()
+                s = (s if s is not None else Similarity.zeros(m.device)).all_reduce() if self.similarity else None
+            moments.append(m.to("cpu"))
+            sims.append(None if s is None else s.to("cpu"))
+        if model_name is None:
+            model_name = getattr(getattr(self.model, "config", None), "_name_or_path", None) or type(self.model).__name__
+        return LayerReport(
+            moments=moments,
+            similarity=sims,
+            layers_path=self.layers_path,
+            model=model_name,
+            sparsity_eps=self.sparsity_eps,
+            sparsity_rel=self.sparsity_rel,
+        )
+
+
+def _nan_to_none(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else x
+
+
+@dataclasses.dataclass
+class LayerReport:
+    """Per-layer statistics and scores (see the module docstring for the formulas).
+
+    ``layers`` holds one dict per block with every metric; ``ranking(metric)`` lists
+    layer indices from least to most important by that metric.
+    """
+
+    moments: list[Moments]
+    similarity: list[Similarity | None]
+    layers_path: str
+    model: str | None = None
+    sparsity_eps: float = 1e-5
+    sparsity_rel: float | None = None
+
+    def __post_init__(self):
+        if len(self.moments) != len(self.similarity):
+            raise ValueError("moments and similarity must have one entry per layer")
+        self.layers = self._compute()
+
+    def _compute(self) -> list[dict[str, Any]]:
+        rows = []
+        for i, (m, s) in enumerate(zip(self.moments, self.similarity)):
+            raw = m.raw()
+            n = raw["elements"]
+            var = m.pooled_variance
+            spars = m.sparsity
+            if n > 0 and math.isfinite(var):
+                avss = var / max(spars, 1.0 / n)
+            else:
+                avss = math.nan
+            rows.append(
+                dict(
+                    layer=i,
+                    module=f"{self.layers_path}.{i}",
+                    pooled_variance=var,
+                    token_variance=m.token_variance,
+                    variance=m.variance,
+                    sparsity=spars,
+                    avss=avss,
+                    block_influence=None if s is None or int(s.tokens) == 0 else s.block_influence,
+                    angular_distance=None if s is None or int(s.tokens) == 0 else s.angular_distance,
+                    tokens=raw["tokens"],
+                    samples=raw["samples"],
+                    elements=n,
+                    near_zero=raw["near_zero"],
+                    nonfinite=raw["nonfinite"],
+                )
+            )
+        total = sum(r["avss"] for r in rows if math.isfinite(r["avss"]))
+        for r in rows:
+            r["navss"] = r["avss"] / total if total > 0 and math.isfinite(r["avss"]) else math.nan
+        acc = 0.0
+        for i in sorted((r["layer"] for r in rows if math.isfinite(r["navss"])), key=lambda k: rows[k]["avss"]):
+            acc += rows[i]["navss"]
+            rows[i]["cavss"] = acc
+        for r in rows:
+            r.setdefault("cavss", math.nan)
+        return rows
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def metric(self, name: str) -> list[float]:
+        """One metric for every layer, in layer order (None/NaN where unavailable)."""
+        if name not in METRICS:
+            raise ValueError(f"unknown metric {name!r}; choose one of {', '.join(METRICS)}")
+        return [r[name] for r in self.layers]
+
+    def ranking(self, metric: str = "avss", *, ascending: bool = True) -> list[int]:
+        """Layer indices sorted by ``metric`` (ascending: least important first for avss and
+        block_influence). Layers whose value is missing go last."""
+        vals = self.metric(metric)
+
+        def key(i):
+            v = vals[i]
+            missing = v is None or not math.isfinite(v)
+            return (missing, (v if ascending else -v) if not missing else 0.0, i)
+
+        return sorted(range(len(vals)), key=key)
+
+    def to_dict(self) -> dict[str, Any]:
+        layers = [{k: (_nan_to_none(v) if isinstance(v, float) else v) for k, v in r.items()} for r in self.layers]
+        return {
+            "format": REPORT_FORMAT,
+            "model": self.model,
+            "layers_path": self.layers_path,
+            "num_layers": len(self.layers),
+            "sparsity_eps": self.sparsity_eps,
+            "sparsity_rel": self.sparsity_rel,
+            "avss_guard": AVSS_GUARD,
+            "ranking": {"avss": self.ranking("avss"), "block_influence": self.ranking("block_influence")},
+            "layers": layers,
+            "moments": [m.raw() for m in self.moments],
+            "similarity": [None if s is None else s.raw() for s in self.similarity],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LayerReport":
+        if d.get("format") != REPORT_FORMAT:
+            raise ValueError(f"not a LayerReport (format {d.get('format')!r}, expected {REPORT_FORMAT!r})")
+        return cls(
+            moments=[Moments.from_raw(m) for m in d["moments"]],
+            similarity=[None if s is None else Similarity.from_raw(s) for s in d["similarity"]],
+            layers_path=d["layers_path"],
+            model=d.get("model"),
+            sparsity_eps=d.get("sparsity_eps", 1e-5),
+            sparsity_rel=d.get("sparsity_rel"),
+        )
+
+    def to_json(self, path: str | os.PathLike) -> Path:
+        from .report import write_json
+
+        return write_json(self.to_dict(), path)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "LayerReport":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def plot(self, path: str | os.PathLike) -> Path:
+        """Per-layer AVSS, variance, sparsity and Block Influence, as an image file."""
+        from .report import plot_layer_report
+
+        return plot_layer_report(self.to_dict(), path)
+
+    def table(self, metric: str = "avss", max_rows: int | None = None) -> str:
+        from .report import format_table
+
+        return format_table(self.to_dict(), sort_by=metric, max_rows=max_rows)
+
+
+# ----------------------------------------------------------------------------- score_layers
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
+
+
+@contextlib.contextmanager
+def _eval_no_grad(model: torch.nn.Module):
+    """Eval mode and no autograd for the body; the model's training flags restored after."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        for m, t in modes.items():
+            m.training = t
+
+
+def score_layers(
+    model: torch.nn.Module,
+    data: Any,
+    tokenizer: Any = None,
+    *,
+    batch_size: int = 8,
+    max_length: int = 128,
+    field: str = "text",
+    layers_path: str | None = None,
+    sparsity_eps: float = 1e-5,
+    sparsity_rel: float | None = None,
+    similarity: bool = True,
+    progress: bool = True,
+    model_name: str | None = None,
+) -> LayerReport:
+    """Score every block of ``model`` on ``data`` and return a :class:`LayerReport`.
+
+    ``data``: a list of strings, a ``.txt`` (one document a line) or ``.jsonl`` path
+    (``field`` names the text key), a ``datasets`` dataset, or an iterable of tokenized
+    batches (dicts with ``input_ids`` and ``attention_mask``, e.g. a ``DataLoader``).
+    Text needs ``tokenizer``. The model runs in eval mode under ``inference_mode`` and
+    its training flags are restored afterwards; hooks are removed even if a batch fails.
+    """
+    from .data import iter_batches, num_batches
+
+    if batch_size < 1 or max_length < 1:
+        raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size} and {max_length}")
+    device = model_device(model)
+    batches = iter_batches(data, tokenizer, batch_size=batch_size, max_length=max_length, field=field)
+    total = num_batches(data, batch_size, field=field)
+    extra: dict[str, Any] = {}
+    if _accepts(model.forward, "use_cache"):
+        extra["use_cache"] = False
+    if _accepts(model.forward, "logits_to_keep"):
+        extra["logits_to_keep"] = 1  # the scores need hidden states, not the vocabulary projection
+
+    from tqdm.auto import tqdm
+
+    scorer = LayerScorer(
+        model, layers_path=layers_path, sparsity_eps=sparsity_eps, sparsity_rel=sparsity_rel, similarity=similarity
+    )
+    with _eval_no_grad(model), scorer:
+        for batch in tqdm(batches, total=total, desc="scoring", unit="batch", disable=not progress):
+            ids = batch["input_ids"].to(device, non_blocking=True)
+            mask = batch["attention_mask"].to(device, non_blocking=True)
+            model(input_ids=ids, attention_mask=mask, **extra)
+    return scorer.report(model_name=model_name)

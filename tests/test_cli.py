@@ -1,0 +1,63 @@
+"""The avss-fast command, run as a user would (in-process for speed, and once as a
+subprocess through the installed console script)."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from tiny_models import make_tiny
+
+from avss_fast.cli import main
+
+
+def test_score_default_model_and_corpus(tmp_path, capsys):
+    """No --model/--data: the bundled pretrained MiniLM on the built-in corpus."""
+    out = tmp_path / "out"
+    assert main(["score", "--out", str(out), "--quiet", "--batch-size", "64", "--max-length", "32"]) == 0
+    text = capsys.readouterr().out
+    assert "rank" in text and "avss" in text and "prune candidates" in text
+    report = json.loads((out / "report.json").read_text())
+    assert report["num_layers"] == 6 and report["layers_path"] == "encoder.layer"
+    assert all(layer["tokens"] > 5000 for layer in report["layers"])
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "report.csv").read_text().count("\n") == 7
+
+
+def test_score_saved_causal_lm_with_text_file(tmp_path, capsys):
+    model = make_tiny("llama", num_layers=2, vocab=128)
+    model_dir = tmp_path / "tiny"
+    model.save_pretrained(model_dir)
+    # a word-level tokenizer whose vocabulary fits the tiny model, saved beside it
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "</s>"] + "the a cat dog sat ran on mat fast slow and".split()
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", eos_token="</s>", unk_token="[UNK]").save_pretrained(model_dir)
+    data = tmp_path / "d.txt"
+    data.write_text("the cat sat on the mat\nthe dog ran fast\na cat and a dog\n")
+    assert main(["score", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "o"),
+                 "--quiet", "--json", "--sparsity-rel", "0.05"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["layers_path"] == "model.layers" and report["num_layers"] == 2
+    assert report["sparsity_rel"] == 0.05
+    assert report["layers"][0]["tokens"] == 6 + 4 + 5
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    assert main(["score", "--data", str(tmp_path / "missing.txt"), "--quiet"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["score", "--batch-size", "0"]) == 2
+    assert main(["score", "--model", str(tmp_path), "--quiet"]) == 2
+    assert "cannot load a model config" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["frobnicate"])
+
+
+def test_console_script_help():
+    exe = shutil.which("avss-fast") or str(__import__("pathlib").Path(sys.executable).with_name("avss-fast"))
+    res = subprocess.run([exe, "score", "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "--sparsity-rel" in res.stdout

@@ -1,0 +1,175 @@
+"""``all_reduce()`` of Moments / Similarity across two real ``gloo`` processes (loopback).
+
+Each rank computes ``layer_moments`` / ``block_similarity`` on its share of one seeded,
+padded batch (3 samples on rank 0, 2 on rank 1), all-reduces, and writes ``raw()`` to a
+file; the parent checks that both ranks got bit-identical results, equal (counts exactly,
+floats to 1e-9 relative) to one process that saw the whole batch.
+"""
+
+import json
+import os
+import socket
+import traceback
+
+# Set before anything imports avss_fast (also in the spawned children, which import this
+# module to unpickle the worker).
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("AVSS_FAST_BACKEND", "torch")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+WORLD = 2
+SPLIT = (3, 2)  # samples per rank: different sizes on purpose
+B, T, D = sum(SPLIT), 7, 12
+JOIN_TIMEOUT_S = 90
+
+
+def make_batch():
+    """The fixed batch: h_in, h_out [B, T, D] fp32 and a right-padded 0/1 mask."""
+    g = torch.Generator().manual_seed(1234)
+    h_in = torch.randn(B, T, D, generator=g) * 3.0 + 0.75
+    h_out = h_in + 0.4 * torch.randn(B, T, D, generator=g)
+    lengths = torch.tensor([7, 4, 1, 6, 3])
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).to(torch.int64)
+    h_in[mask == 0] = 1e4  # padding garbage that must not leak into any statistic
+    return h_in, h_out, mask
+
+
+def rank_slice(rank: int) -> slice:
+    start = sum(SPLIT[:rank])
+    return slice(start, start + SPLIT[rank])
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    """Spawned child: one rank. Top level so that it pickles."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["AVSS_FAST_BACKEND"] = "torch"
+    if os.path.isdir("/sys/class/net/lo"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        from avss_fast.ops import block_similarity, layer_moments
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+        try:
+            h_in, h_out, mask = make_batch()
+            sl = rank_slice(rank)
+            m = layer_moments(h_in[sl], mask[sl], sparsity_rel=0.25)
+            s = block_similarity(h_in[sl], h_out[sl], mask[sl])
+            local = {"moments": m.raw(), "similarity": s.raw()}
+            mr, sr = m.all_reduce(), s.all_reduce()
+            result = {
+                "moments": mr.raw(),
+                "similarity": sr.raw(),
+                "local": local,
+                "local_after": {"moments": m.raw(), "similarity": s.raw()},  # self is unchanged
+                "types": [type(mr).__name__, type(sr).__name__],
+            }
+            with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+                json.dump(result, f)
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def _run_ranks(out_dir: str) -> None:
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, out_dir), daemon=True) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(JOIN_TIMEOUT_S)
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        if hung:
+            pytest.fail(f"rank(s) {hung} still running after {JOIN_TIMEOUT_S}s (deadlock in all_reduce / init?)")
+        bad = {r: p.exitcode for r, p in enumerate(procs) if p.exitcode != 0}
+        if bad:
+            errs = "\n".join(
+                f"--- rank {r} ---\n" + open(os.path.join(out_dir, f"rank{r}.err")).read()
+                for r in bad
+                if os.path.exists(os.path.join(out_dir, f"rank{r}.err"))
+            )
+            pytest.fail(f"rank exit codes {bad}\n{errs}")
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+
+
+def _assert_raw_close(got: dict, ref: dict, what: str, rtol=1e-9) -> None:
+    assert got.keys() == ref.keys(), what
+    for k, e in ref.items():
+        a = got[k]
+        if isinstance(e, int):
+            assert isinstance(a, int) and a == e, f"{what}.{k}: got {a}, expected {e} (counts must match exactly)"
+        else:
+            assert abs(a - e) <= rtol * abs(e) + 1e-12, f"{what}.{k}: got {a!r}, expected {e!r}"
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_all_reduce_two_gloo_ranks_equals_single_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("AVSS_FAST_BACKEND", "torch")
+    from avss_fast.ops import block_similarity, layer_moments
+
+    _run_ranks(str(tmp_path))
+    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+    # every rank gets the same, bit for bit (same gathered data, merged in rank order)
+    assert res[0]["moments"] == res[1]["moments"]
+    assert res[0]["similarity"] == res[1]["similarity"]
+    assert res[0]["types"] == res[1]["types"] == ["Moments", "Similarity"]
+    for r in range(WORLD):  # all_reduce returned a new object; the local one is unchanged
+        assert res[r]["local_after"] == res[r]["local"]
+
+    h_in, h_out, mask = make_batch()
+    whole_m = layer_moments(h_in, mask, sparsity_rel=0.25).raw()
+    whole_s = block_similarity(h_in, h_out, mask).raw()
+    for r in range(WORLD):
+        _assert_raw_close(res[r]["moments"], whole_m, f"rank{r}.moments")
+        _assert_raw_close(res[r]["similarity"], whole_s, f"rank{r}.similarity")
+
+    # the ranks' local partials are what this process computes on the same slices
+    for r in range(WORLD):
+        sl = rank_slice(r)
+        assert res[r]["local"]["moments"] == layer_moments(h_in[sl], mask[sl], sparsity_rel=0.25).raw()
+        assert res[r]["local"]["similarity"] == block_similarity(h_in[sl], h_out[sl], mask[sl]).raw()
+
+    # sanity on the data: padding really was excluded, and the ranks' shares add up
+    assert whole_m["tokens"] == int(mask.sum()) == 21
+    assert whole_m["elements"] == 21 * D and whole_m["samples"] == B
+    assert whole_s["tokens"] == 21
+    assert res[0]["local"]["moments"]["tokens"] == 12 and res[1]["local"]["moments"]["tokens"] == 9
+
+
+def test_all_reduce_without_process_group_is_identity():
+    from avss_fast.ops import block_similarity, layer_moments
+    from avss_fast.stats import Moments, Similarity
+
+    assert not (dist.is_available() and dist.is_initialized())
+    h_in, h_out, mask = make_batch()
+    m = layer_moments(h_in, mask)
+    s = block_similarity(h_in, h_out, mask)
+    for acc in (m, s, Moments.zeros(), Similarity.zeros()):
+        assert acc.all_reduce() is acc
