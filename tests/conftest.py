@@ -3,12 +3,15 @@
 TRITON_INTERPRET must be set before any ``@triton.jit`` runs, so it is set here, before
 avss_fast is imported. CPU tensors then *could* take the Triton path by default; tests
 default to the fused torch path (what CPU users run) and ask for ``triton`` explicitly
-through the ``backend`` fixture or ``AVSS_FAST_BACKEND``.
+through the ``backend`` fixture or ``AVSS_FAST_BACKEND``. On a CUDA machine,
+``AVSS_FAST_GPU_TESTS=1`` leaves the interpreter off for the GPU tests (``-m gpu``).
 """
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+GPU_RUN = os.environ.get("AVSS_FAST_GPU_TESTS") == "1"  # tests/test_gpu.py on a CUDA machine
+if not GPU_RUN:
+    os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("AVSS_FAST_BACKEND", "torch")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -436,3 +436,14 @@ def test_num_batches(tmp_path):
     assert num_batches(iter([1, 2]), 2) is None
     with pytest.raises(ValueError, match=r"batch_size"):
         num_batches(["a"], 0)
+
+
+def test_real_datasets_dataset():
+    """A real Hugging Face ``datasets.Dataset`` (not only a look-alike)."""
+    import datasets  # in the dev extra
+    ds = datasets.Dataset.from_dict({"body": ["first text here", "", "second one", "third"], "n": [1, 2, 3, 4]})
+    assert load_texts(ds, field="body") == ["first text here", "second one", "third"]
+    with pytest.raises(ValueError, match="body|field"):
+        load_texts(ds, field="missing")
+    with pytest.raises(ValueError, match="pick one"):
+        load_texts(datasets.DatasetDict({"train": ds}), field="body")

@@ -203,3 +203,15 @@ def test_scorer_follows_generate_with_kv_cache():
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
     # prefill 2x5 tokens + 2 decode steps x 2 samples (the last new token is not fed back)
     assert scorer.report().layers[0]["tokens"] == 10 + 2 * 2
+
+
+def test_score_layers_on_a_datasets_dataset(minilm):
+    import datasets
+
+    model, tok = minilm
+    texts = ["The river froze early that winter.", "Prices rose slowly through the spring.", "He waited by the gate."]
+    ds = datasets.Dataset.from_dict({"text": texts})
+    a = score_layers(model, ds, tok, batch_size=2, progress=False)
+    b = score_layers(model, texts, tok, batch_size=2, progress=False)
+    for i in range(6):
+        assert_moments_close(a.moments[i], b.moments[i], rtol=1e-9, atol=0)

@@ -1,0 +1,99 @@
+"""GPU twins of the kernel tests: the Triton kernels compiled for a real CUDA device.
+
+Marked ``gpu``; they run only where CUDA is available, with ``AVSS_FAST_GPU_TESTS=1`` set
+so that conftest leaves the Triton interpreter off:
+
+    AVSS_FAST_GPU_TESTS=1 python -m pytest -m gpu tests/test_gpu.py
+
+Every case here has a CPU twin in test_ops.py / test_scoring.py that runs the same
+kernels under the interpreter.
+"""
+
+import pytest
+import torch
+from conftest import assert_close_verbose, assert_moments_close
+
+from avss_fast import ops, reference
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CPU twins: test_ops.py)"),
+]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _triton(monkeypatch):
+    monkeypatch.setenv("AVSS_FAST_BACKEND", "triton")
+
+
+def _act(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(shape, generator=g) + 0.3
+    h[torch.rand(shape, generator=g) < 0.05] = 0.0
+    return h.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(5, 123, 123), (2, 300, 4096), (3, 17, 4097), (1, 1, 5)])
+def test_layer_moments_cuda_matches_reference(dtype, shape):
+    h = _act(shape, dtype)
+    mask = torch.ones(shape[:2], dtype=torch.long)
+    mask[0, shape[1] // 3 :] = 0
+    if shape[1] > 3:
+        h[-1, 2, 0] = float("nan")
+    got = ops.layer_moments(h.cuda(), mask.cuda())
+    assert got.device.type == "cuda"
+    assert_moments_close(got.to("cpu"), reference.layer_moments(h, mask), rtol=2e-5, atol=1e-6)
+    rel = ops.layer_moments(h.cuda(), mask.cuda(), sparsity_rel=0.05)
+    assert rel.raw()["near_zero"] == reference.layer_moments(h, mask, sparsity_rel=0.05).raw()["near_zero"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_block_similarity_cuda_matches_reference(dtype):
+    a = _act((4, 257, 1024), dtype, 1)
+    b = (a.float() + 0.7 * _act((4, 257, 1024), torch.float32, 2)).to(dtype)
+    mask = torch.ones(4, 257, dtype=torch.bool)
+    mask[1, 200:] = False
+    got = ops.block_similarity(a.cuda(), b.cuda(), mask.cuda()).to("cpu")
+    ref = reference.block_similarity(a, b, mask)
+    assert got.raw()["tokens"] == ref.raw()["tokens"]
+    assert_close_verbose(got.cos_sum, ref.cos_sum, rtol=1e-5, atol=1e-4, what="cos_sum")
+    assert_close_verbose(got.angular_sum, ref.angular_sum, rtol=1e-4, atol=1e-4, what="angular_sum")
+
+
+def test_deterministic_and_no_host_sync():
+    """Same bits run to run; ops and merges never synchronise the host with the GPU."""
+    h = _act((8, 512, 2048), torch.bfloat16).cuda()
+    mask = torch.ones(8, 512, dtype=torch.long, device="cuda")
+    ops.layer_moments(h, mask)  # compile outside the sync check
+    ops.block_similarity(h, h, mask)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        total = ops.layer_moments(h, mask)
+        for _ in range(3):
+            total = total + ops.layer_moments(h, mask)
+        sim = ops.block_similarity(h, h.roll(1, 1), mask)
+        sim = sim + sim
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    a, b = ops.layer_moments(h, mask).raw(), ops.layer_moments(h, mask).raw()
+    assert a == b
+    assert total.raw()["elements"] == 4 * 8 * 512 * 2048
+    assert sim.raw()["tokens"] == 2 * 8 * 512
+
+
+def test_scorer_on_cuda_tiny_llama():
+    from tiny_models import make_tiny, random_batch
+
+    from avss_fast.scoring import score_layers
+
+    model = make_tiny("llama", num_layers=3)
+    batches = [random_batch(model, batch=3, seq=16, seed=s, pad_last=5) for s in range(2)]
+    cpu = score_layers(model, batches, progress=False)
+    gpu = score_layers(model.cuda(), batches, progress=False)
+    for i in range(3):
+        assert_moments_close(gpu.moments[i], cpu.moments[i], rtol=1e-4, atol=1e-6)
+        assert gpu.layers[i]["block_influence"] == pytest.approx(cpu.layers[i]["block_influence"], abs=1e-4)
