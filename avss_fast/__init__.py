@@ -1,6 +1,7 @@
 """avss_fast: fused kernels for layer statistics (AVSS, EAVSS, Block Influence), layer
 pruning and attention-head interventions in large language models."""
 
+from .demo import demo_model_path, demo_texts
 from .ops import block_similarity, layer_moments
 from .scoring import LayerReport, LayerScorer, score_layers
 from .stats import Moments, Similarity
@@ -9,5 +10,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Moments", "Similarity", "layer_moments", "block_similarity",
-    "LayerScorer", "LayerReport", "score_layers", "__version__",
+    "LayerScorer", "LayerReport", "score_layers", "demo_model_path", "demo_texts", "__version__",
 ]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -27,6 +28,7 @@ from .stats import Moments, Similarity
 _F64 = torch.float64
 _I64 = torch.int64
 BACKENDS = ("triton", "torch", "reference")
+MAX_SEGMENTS = 4  # per-segment running masses in the attention kernel
 
 
 def _interpreting() -> bool:
@@ -233,3 +235,202 @@ def block_similarity(
         h_in.detach(), h_out.detach(), None if mask is None else mask.detach(), float(eps), backend_for(h_in)
     )
     return Similarity._unpack(ints, flts)
+
+
+# ----------------------------------------------------------------------------- masked_attention
+
+
+class AttentionRule(NamedTuple):
+    """The adaptive (ADHH) rule at the op level: for query heads ``heads``, where the
+    softmax mass on ``segment`` in a query row is >= ``threshold``, that segment's
+    probabilities are multiplied by ``scale`` (0 = deactivation); ``rows`` is ``"last"``
+    (the published method: only the last query row) or ``"all"``."""
+
+    heads: tuple
+    segment: int
+    threshold: float = 0.4
+    scale: float = 0.0
+    rows: str = "last"
+
+
+@torch.library.custom_op("avss_fast::masked_attention", mutates_args=())
+def _masked_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    key_mask: torch.Tensor | None, full_mask: torch.Tensor | None, head_gate: torch.Tensor | None,
+    segment_starts: torch.Tensor | None, segment_scale: torch.Tensor | None, rule_heads: torch.Tensor | None,
+    scaling: float, causal: bool, rule_segment: int, threshold: float, rule_scale: float,
+    last_row_only: bool, return_segment_mass: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    kw = dict(
+        scaling=scaling, causal=causal, key_mask=key_mask, full_mask=full_mask, head_gate=head_gate,
+        segment_starts=segment_starts, segment_scale=segment_scale, rule_heads=rule_heads,
+        rule_segment=rule_segment, threshold=threshold, rule_scale=rule_scale,
+        last_row_only=last_row_only, return_segment_mass=return_segment_mass,
+    )
+    if backend == "triton":
+        from .kernels.masked_attention import masked_attention_fwd
+
+        out, mass = masked_attention_fwd(q, k, v, **kw)
+    elif backend == "reference":
+        out, mass = _masked_attention_reference(q, k, v, **kw)
+    else:
+        from .attention_cpu import masked_attention_torch
+
+        out, mass = masked_attention_torch(q, k, v, **kw)
+    if mass is None:
+        mass = torch.empty((0,), dtype=torch.float32, device=q.device)
+    return out, mass
+
+
+@_masked_attention_op.register_fake
+def _(q, k, v, key_mask, full_mask, head_gate, segment_starts, segment_scale, rule_heads, scaling, causal,
+      rule_segment, threshold, rule_scale, last_row_only, return_segment_mass, backend):
+    B, Hq, Sq, D = q.shape
+    S = segment_starts.shape[1] if segment_starts is not None else 1
+    out = q.new_empty((B, Sq, Hq, D))
+    mass = q.new_empty((B, Hq, Sq, S), dtype=torch.float32) if return_segment_mass else q.new_empty((0,), dtype=torch.float32)
+    return out, mass
+
+
+def _masked_attention_reference(q, k, v, *, scaling, causal, key_mask, full_mask, head_gate, segment_starts,
+                                segment_scale, rule_heads, rule_segment, threshold, rule_scale, last_row_only,
+                                return_segment_mass):
+    mask = None
+    if full_mask is not None:
+        mask = full_mask.to(torch.bool)
+    if key_mask is not None:
+        km = key_mask.to(torch.bool)[:, None, None, :]
+        mask = km if mask is None else mask & km
+    rule = None
+    if rule_heads is not None:
+        heads = tuple(int(h) for h in torch.nonzero(rule_heads).flatten())
+        rule = AttentionRule(heads, rule_segment, threshold, rule_scale, "last" if last_row_only else "all")
+    res = reference.masked_attention(
+        q, k, v, scaling=scaling, causal=causal, attention_mask=mask, head_gate=head_gate,
+        segment_starts=segment_starts, segment_scale=segment_scale, adaptive=rule,
+        return_segment_mass=return_segment_mass,
+    )
+    return res if return_segment_mass else (res, None)
+
+
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scaling: float,
+    causal: bool = True,
+    attention_mask: torch.Tensor | None = None,
+    head_gate: torch.Tensor | None = None,
+    segment_starts=None,
+    segment_scale: torch.Tensor | None = None,
+    adaptive: AttentionRule | None = None,
+    return_segment_mass: bool = False,
+):
+    """Attention forward with head gates, segment reweighting and the adaptive rule, in one
+    pass and O(S) memory. ``q`` [B, Hq, Sq, D], ``k``/``v`` [B, Hkv, Sk, D] (Hq a multiple of
+    Hkv; k/v never repeated by the kernel). Returns ``out`` [B, Sq, Hq, D] (the layout
+    transformers expects), and with ``return_segment_mass`` also ``mass`` [B, Hq, Sq, S].
+
+    For query row i and allowed keys j (causal: ``j <= i + Sk - Sq``, bottom-right; mask):
+    ``p = softmax(scaling q_i . k_j)``; ``mass_s = sum_{j in s} p_j``;
+    ``out_i = head_gate[h] * sum_j p_j * segment_scale[h, seg(j)] * a_ij * v_j`` with
+    ``a_ij = adaptive.scale`` when head h is in the rule, row i is covered ("last": only
+    the last query row), ``seg(j) = adaptive.segment`` and ``mass_segment >= threshold``;
+    else 1. Nothing is renormalised.
+
+    ``attention_mask``: bool (True = attend) [B, Sk] key-padding mask or [B, 1|Hq, Sq, Sk];
+    integer masks are read as nonzero = attend. ``head_gate``: [Hq] or [B, Hq].
+    ``segment_starts``: [S] or [B, S] key positions where each segment begins (the last runs
+    to the end), at most 4 segments. ``segment_scale``: [Hq, S] or [B, Hq, S].
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [batch, heads, seq, head_dim], got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    B, Hq, Sq, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be [B={B}, Hkv, Sk, D={D}]")
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    if not (k.dtype == v.dtype == q.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    dev = q.device
+    key_mask = full_mask = None
+    if attention_mask is not None:
+        if attention_mask.is_floating_point():
+            raise TypeError("attention_mask must be bool (True = attend) or integer (nonzero = attend); "
+                            "additive float masks are not accepted, since a bias would be silently dropped")
+        m = attention_mask.to(dev)
+        if m.dim() == 2:
+            if tuple(m.shape) != (B, Sk):
+                raise ValueError(f"a 2-D attention_mask must be [B, Sk] = {(B, Sk)}, got {tuple(m.shape)}")
+            key_mask = (m != 0).to(torch.int8).contiguous()
+        elif m.dim() == 4:
+            if m.shape[0] not in (1, B) or m.shape[1] not in (1, Hq) or tuple(m.shape[2:]) != (Sq, Sk):
+                raise ValueError(f"a 4-D attention_mask must be [B|1, 1|Hq, Sq, Sk] = [{B}, 1|{Hq}, {Sq}, {Sk}], "
+                                 f"got {tuple(m.shape)}")
+            full_mask = (m != 0).to(torch.int8).expand(B, m.shape[1], Sq, Sk).contiguous()
+        else:
+            raise ValueError(f"attention_mask must be [B, Sk] or [B, 1|Hq, Sq, Sk], got {tuple(m.shape)}")
+    gate = None
+    if head_gate is not None:
+        g = torch.as_tensor(head_gate, dtype=torch.float32, device=dev)
+        if g.dim() == 1 and g.shape[0] == Hq:
+            g = g[None].expand(B, Hq)
+        if tuple(g.shape) != (B, Hq):
+            raise ValueError(f"head_gate must be [Hq] or [B, Hq] = [{B}, {Hq}], got {tuple(head_gate.shape)}")
+        gate = g.contiguous()
+    starts = None
+    S = 1
+    if segment_starts is not None:
+        st = torch.as_tensor(segment_starts, device=dev)
+        if st.dim() == 1:
+            st = st[None].expand(B, -1)
+        if st.dim() != 2 or st.shape[0] != B or st.shape[1] < 1:
+            raise ValueError(f"segment_starts must be [S] or [B, S], got {tuple(st.shape)}")
+        if st.is_floating_point():
+            raise TypeError("segment_starts must be integer key positions")
+        S = st.shape[1]
+        if S > MAX_SEGMENTS:
+            raise ValueError(f"at most {MAX_SEGMENTS} segments are supported, got {S}")
+        if S > 1 and st.device.type == "cpu" and bool((st[:, 1:] < st[:, :-1]).any()):  # no GPU sync
+            raise ValueError("segment_starts must be non-decreasing within each row")
+        starts = st.to(torch.int32).contiguous()
+    scale = None
+    if segment_scale is not None:
+        if starts is None:
+            raise ValueError("segment_scale needs segment_starts")
+        sc = torch.as_tensor(segment_scale, dtype=torch.float32, device=dev)
+        if sc.dim() == 2 and tuple(sc.shape) == (Hq, S):
+            sc = sc[None].expand(B, -1, -1)
+        if tuple(sc.shape) != (B, Hq, S):
+            raise ValueError(f"segment_scale must be [Hq, S] or [B, Hq, S] = [{B}, {Hq}, {S}], got {tuple(segment_scale.shape)}")
+        scale = sc.contiguous()
+    rule_heads = None
+    rule_segment, threshold, rule_scale, last_row_only = 0, 0.0, 1.0, True
+    if adaptive is not None:
+        if starts is None:
+            raise ValueError("adaptive needs segment_starts")
+        if adaptive.rows not in ("last", "all"):
+            raise ValueError(f"adaptive.rows must be 'last' or 'all', got {adaptive.rows!r}")
+        if not 0 <= adaptive.segment < S:
+            raise ValueError(f"adaptive.segment {adaptive.segment} is out of range for {S} segments")
+        bad = [h for h in adaptive.heads if not 0 <= int(h) < Hq]
+        if bad:
+            raise ValueError(f"adaptive heads {bad} are out of range for {Hq} query heads")
+        rule_heads = torch.zeros(Hq, dtype=torch.int8, device=dev)
+        if len(adaptive.heads):
+            rule_heads[torch.as_tensor([int(h) for h in adaptive.heads], device=dev)] = 1
+        rule_segment, threshold, rule_scale = int(adaptive.segment), float(adaptive.threshold), float(adaptive.scale)
+        last_row_only = adaptive.rows == "last"
+    if return_segment_mass and starts is None:
+        starts = torch.zeros((B, 1), dtype=torch.int32, device=dev)
+    out, mass = _masked_attention_op(
+        q, k, v, key_mask, full_mask, gate, starts, scale, rule_heads, float(scaling), bool(causal),
+        rule_segment, threshold, rule_scale, last_row_only, bool(return_segment_mass), backend_for(q),
+    )
+    return (out, mass) if return_segment_mass else out

@@ -114,3 +114,91 @@ def avss_published(hidden_batches: list[torch.Tensor], eps: float = 1e-5) -> tup
         var.append(float(h.mean(dim=1).var(dim=-1).mean()))
         spa.append(float((h.abs() < eps).to(_F64).mean()))
     return sum(var) / len(var), sum(spa) / len(spa)
+
+
+def segment_ids(segment_starts: torch.Tensor, Sk: int) -> torch.Tensor:
+    """[B, Sk] segment index of every key: the last segment whose start is <= the key
+    position (keys before the first start count as segment 0)."""
+    pos = torch.arange(Sk, device=segment_starts.device)
+    ids = (segment_starts[:, None, :] <= pos[None, :, None]).sum(-1) - 1
+    return ids.clamp(min=0)
+
+
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scaling: float,
+    causal: bool = True,
+    attention_mask: torch.Tensor | None = None,
+    head_gate: torch.Tensor | None = None,
+    segment_starts: torch.Tensor | None = None,
+    segment_scale: torch.Tensor | None = None,
+    adaptive=None,
+    return_segment_mass: bool = False,
+    compute_dtype: torch.dtype = torch.float32,
+):
+    """Reference ``masked_attention``: materialises the [B, Hq, Sq, Sk] probabilities.
+
+    ``p = softmax(q k^T * scaling)`` over allowed keys (causal bottom-right: query row i
+    sees key j <= i + Sk - Sq; ``attention_mask`` bool, True = attend). A row with no
+    allowed key outputs zeros. With segments, ``mass[s] = sum_{j in s} p_j`` (of the plain
+    softmax). Key j of segment s is then weighted ``p_j * segment_scale[h, s]``, and, for
+    the adaptive rule's heads and rows, by ``adaptive.scale`` more when
+    ``mass[adaptive.segment] >= adaptive.threshold`` and s is that segment. No
+    renormalisation. ``out = (sum_j p'_j v_j) * head_gate[h]``, returned as [B, Sq, Hq, D].
+    """
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    cd = compute_dtype
+    kk = k.to(cd).repeat_interleave(Hq // Hkv, dim=1)
+    vv = v.to(cd).repeat_interleave(Hq // Hkv, dim=1)
+    s = (q.to(cd) @ kk.transpose(-1, -2)) * scaling
+    allowed = torch.ones(B, 1, Sq, Sk, dtype=torch.bool, device=q.device)
+    if causal:
+        i = torch.arange(Sq, device=q.device)[:, None]
+        j = torch.arange(Sk, device=q.device)[None, :]
+        allowed = allowed & (j <= i + (Sk - Sq))
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.to(torch.bool)
+    s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    p = torch.nan_to_num(p, nan=0.0)  # rows with no allowed key
+    weights = p
+    mass = None
+    if segment_starts is not None:
+        seg = segment_ids(segment_starts, Sk)  # [B, Sk]
+        S = segment_starts.shape[1]
+        onehot = torch.nn.functional.one_hot(seg, S).to(cd)  # [B, Sk, S]
+        mass = p @ onehot[:, None]  # [B, Hq, Sq, S]
+        factor = torch.ones_like(p)
+        if segment_scale is not None:
+            sc = segment_scale.to(cd)
+            sc = sc.expand(B, Hq, S) if sc.dim() == 2 else sc
+            factor = factor * torch.gather(sc, 2, seg[:, None, :].expand(B, Hq, Sk))[:, :, None, :]
+        if adaptive is not None:
+            heads = torch.zeros(Hq, dtype=torch.bool, device=q.device)
+            heads[list(adaptive.heads)] = True
+            fired = mass[..., adaptive.segment] >= adaptive.threshold  # [B, Hq, Sq]
+            fired = fired & heads[None, :, None]
+            if adaptive.rows == "last":
+                last = torch.zeros(Sq, dtype=torch.bool, device=q.device)
+                last[-1] = True
+                fired = fired & last[None, None, :]
+            in_seg = (seg == adaptive.segment)[:, None, None, :]  # [B, 1, 1, Sk]
+            factor = factor * torch.where(fired[..., None] & in_seg, adaptive.scale, 1.0).to(cd)
+        weights = p * factor
+    elif segment_scale is not None or adaptive is not None:
+        raise ValueError("segment_scale and adaptive need segment_starts")
+    out = weights @ vv  # [B, Hq, Sq, D]
+    if head_gate is not None:
+        g = head_gate.to(cd)
+        g = g[None, :] if g.dim() == 1 else g
+        out = out * g[:, :, None, None]
+    out = out.transpose(1, 2).to(q.dtype)
+    if return_segment_mass:
+        if mass is None:
+            raise ValueError("return_segment_mass needs segment_starts")
+        return out, mass.to(torch.float32)
+    return out

@@ -1,0 +1,1 @@
+"""Shipped assets: the demo language model (demo_lm/) and its held-out texts (demo_texts/)."""

@@ -1,0 +1,125 @@
+"""The torch path of ``masked_attention``: SDPA does the heavy work, nothing of size
+Sq x Sk is built unless the caller's mask already is one (padding with causal masking).
+
+* Static segment factors are folded into the values: ``v'_j = f[h, seg(j)] v_j`` (values
+  expanded to query heads only when a factor differs per head), so one SDPA gives
+  ``sum_j p_j f_j v_j``.
+* Segment masses of every row come from the same SDPA call: values extended with one-hot
+  segment columns (and q/k zero-padded to the same width, which keeps the fast kernel);
+  ``sum_j p_j onehot(seg(j))`` is the mass per segment.
+* The adaptive rule needs ``sum_{j in s*} p_j f_j v_j``: for rows "last" (the published
+  method) it is computed for the last query row alone, O(Sk); for rows "all" it rides in
+  the extended values as well.
+* Causal masking is bottom-right aligned: ``is_causal`` when Sq == Sk, no mask when
+  Sq == 1 (decode), an explicit [Sq, Sk] mask otherwise (chunked prefill).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .reference import segment_ids
+
+
+def _sdpa_mask(B, Sq, Sk, causal, key_mask, full_mask, device):
+    """(attn_mask or None, is_causal) for SDPA with bottom-right causal alignment."""
+    if full_mask is not None:
+        m = full_mask.to(torch.bool)
+        if causal:
+            i = torch.arange(Sq, device=device)[:, None]
+            j = torch.arange(Sk, device=device)[None, :]
+            m = m & (j <= i + (Sk - Sq))
+        if key_mask is not None:
+            m = m & key_mask.to(torch.bool)[:, None, None, :]
+        return m, False
+    if key_mask is None:
+        if not causal or Sq == 1:
+            return None, False
+        if Sq == Sk:
+            return None, True
+    m = torch.ones(B, 1, Sq, Sk, dtype=torch.bool, device=device)
+    if causal:
+        i = torch.arange(Sq, device=device)[:, None]
+        j = torch.arange(Sk, device=device)[None, :]
+        m = m & (j <= i + (Sk - Sq))
+    if key_mask is not None:
+        m = m & key_mask.to(torch.bool)[:, None, None, :]
+    return m, False
+
+
+def masked_attention_torch(
+    q, k, v, *, scaling, causal, key_mask, full_mask, head_gate, segment_starts, segment_scale,
+    rule_heads, rule_segment, threshold, rule_scale, last_row_only, return_segment_mass,
+):
+    """Same contract as ``kernels.masked_attention.masked_attention_fwd``."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    dev, dt = q.device, q.dtype
+    attn_mask, is_causal = _sdpa_mask(B, Sq, Sk, causal, key_mask, full_mask, dev)
+    seg = segment_ids(segment_starts.to(torch.long), Sk) if segment_starts is not None else None
+    S = segment_starts.shape[1] if segment_starts is not None else 1
+
+    kk, vv = k, v
+    if segment_scale is not None:  # fold f[b, h, seg(j)] into the values, per query head
+        kk = k.repeat_interleave(G, dim=1) if G > 1 else k
+        f = torch.gather(segment_scale, 2, seg[:, None, :].expand(B, Hq, Sk))  # [B, Hq, Sk]
+        vv = (v.repeat_interleave(G, dim=1) if G > 1 else v) * f[..., None].to(dt)
+    adaptive_all = rule_heads is not None and not last_row_only
+    extra = []
+    if adaptive_all:
+        in_seg = (seg == rule_segment)[:, None, :, None].to(dt)  # [B, 1, Sk, 1]
+        extra.append(vv * in_seg)
+    if return_segment_mass or adaptive_all:
+        onehot = F.one_hot(seg if seg is not None else torch.zeros(B, Sk, dtype=torch.long, device=dev), S)
+        extra.append(onehot[:, None].to(dt).expand(B, vv.shape[1], Sk, S))
+    if extra:
+        v_ext = torch.cat([vv] + extra, dim=-1)
+        width = v_ext.shape[-1]
+        q_ext = F.pad(q, (0, width - D))
+        k_ext = F.pad(kk, (0, width - D))
+    else:
+        v_ext, q_ext, k_ext = vv, q, kk
+    gqa = k_ext.shape[1] != Hq
+    o = F.scaled_dot_product_attention(
+        q_ext, k_ext, v_ext, attn_mask=attn_mask, is_causal=is_causal, scale=scaling, enable_gqa=gqa
+    )
+    o = torch.nan_to_num(o, nan=0.0)  # rows with no allowed key
+    out = o[..., :D]
+    mass = None
+    col = D
+    acc_seg = None
+    if adaptive_all:
+        acc_seg = o[..., col : col + D]
+        col += D
+    if return_segment_mass or adaptive_all:
+        mass = o[..., col : col + S].float()
+    if rule_heads is not None:
+        heads_on = (rule_heads != 0)[None, :, None]  # [1, Hq, 1]
+        if last_row_only:
+            # explicit last query row: O(Sk) per head
+            q_last = q[:, :, -1:, :].float()
+            k_full = (kk if kk.shape[1] == Hq else k.repeat_interleave(G, dim=1)).float()
+            v_full = (vv if vv.shape[1] == Hq else v.repeat_interleave(G, dim=1)).float()
+            s = (q_last @ k_full.transpose(-1, -2)) * scaling  # [B, Hq, 1, Sk]
+            if attn_mask is not None:  # without one, the last row sees every key
+                s = s.masked_fill(~attn_mask[:, :, -1:, :], float("-inf"))
+            p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
+            in_seg = (seg == rule_segment)[:, None, None, :]
+            p_seg = torch.where(in_seg, p, torch.zeros((), device=dev))
+            mass_last = p_seg.sum(-1)  # [B, Hq, 1]
+            acc_last = p_seg @ v_full  # [B, Hq, 1, D]
+            fire = (mass_last >= threshold) & heads_on
+            corr = torch.where(fire[..., None], (1.0 - rule_scale) * acc_last, torch.zeros((), device=dev))
+            out = out.clone()
+            out[:, :, -1:, :] = (out[:, :, -1:, :].float() - corr).to(dt)
+        else:
+            fire = (mass[..., rule_segment] >= threshold) & heads_on  # [B, Hq, Sq]
+            out = out - torch.where(fire[..., None], (1.0 - rule_scale) * acc_seg, torch.zeros((), dtype=dt, device=dev))
+    if head_gate is not None:
+        out = out * head_gate.to(dt)[:, :, None, None]
+    out = out.transpose(1, 2).contiguous()
+    if return_segment_mass:
+        return out, mass.contiguous()
+    return out, None
