@@ -24,21 +24,12 @@ from .reference import segment_ids
 
 def _sdpa_mask(B, Sq, Sk, causal, key_mask, full_mask, device):
     """(attn_mask or None, is_causal) for SDPA with bottom-right causal alignment."""
-    if full_mask is not None:
-        m = full_mask.to(torch.bool)
-        if causal:
-            i = torch.arange(Sq, device=device)[:, None]
-            j = torch.arange(Sk, device=device)[None, :]
-            m = m & (j <= i + (Sk - Sq))
-        if key_mask is not None:
-            m = m & key_mask.to(torch.bool)[:, None, None, :]
-        return m, False
-    if key_mask is None:
-        if not causal or Sq == 1:
+    if full_mask is None and key_mask is None:
+        if not causal or Sq == 1:  # decode: the one query row sees every key
             return None, False
         if Sq == Sk:
             return None, True
-    m = torch.ones(B, 1, Sq, Sk, dtype=torch.bool, device=device)
+    m = full_mask.to(torch.bool) if full_mask is not None else torch.ones(B, 1, Sq, Sk, dtype=torch.bool, device=device)
     if causal:
         i = torch.arange(Sq, device=device)[:, None]
         j = torch.arange(Sk, device=device)[None, :]

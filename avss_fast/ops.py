@@ -89,31 +89,37 @@ def _check_mask(mask, h: torch.Tensor) -> torch.Tensor | None:
 # ----------------------------------------------------------------------------- layer_moments
 
 
+def check_sparsity_thresholds(sparsity_eps, sparsity_rel) -> None:
+    """ValueError unless ``sparsity_eps >= 0`` is finite and ``sparsity_rel`` is None or > 0."""
+    if not (isinstance(sparsity_eps, (int, float)) and math.isfinite(sparsity_eps) and sparsity_eps >= 0):
+        raise ValueError(f"sparsity_eps must be a finite number >= 0, got {sparsity_eps!r}")
+    if sparsity_rel is not None and not (
+        isinstance(sparsity_rel, (int, float)) and math.isfinite(sparsity_rel) and sparsity_rel > 0
+    ):
+        raise ValueError(f"sparsity_rel must be None or a finite number > 0, got {sparsity_rel!r}")
+
+
 def _moments_from_partials(p: dict[str, torch.Tensor], B: int, T: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Float64 merge of the kernel's partial buffers into the packed Moments fields."""
-    from .stats import chan_reduce
+    from .stats import chan_reduce, pooled_variance_from_columns
 
-    colsum = p["colsum"].to(_F64).sum(1)  # [B, D]
-    colcnt = p["colcnt"].to(_I64).sum(1)
-    keep = colcnt > 0
-    nd = keep.sum(1)
-    mean_bd = colsum / colcnt.clamp(min=1)
-    zero = torch.zeros((), dtype=_F64, device=colsum.device)
-    mu = torch.where(keep, mean_bd, zero).sum(1) / nd.clamp(min=1)
-    var_b = torch.where(keep, (mean_bd - mu[:, None]) ** 2, zero).sum(1) / (nd - 1).clamp(min=1)
-    has_var = nd >= 2
-    tok_ok = p["rowcnt"] >= 2
-    n, mean, m2 = chan_reduce(p["part_i"][:, 0], p["part_f"][:, 0], p["part_f"][:, 1])
-    ints = torch.stack([
-        has_var.sum(),
-        tok_ok.sum(),
-        n,
-        p["part_i"][:, 1].to(_I64).sum(),
-        p["part_i"][:, 2].to(_I64).sum(),
-    ])
+    zero = torch.zeros((), dtype=_F64, device=p["colsum"].device)
+    # AVSS pooled variance: per-sample token mean from the column partials (summed over splits).
+    samples, pooled = pooled_variance_from_columns(p["colsum"].sum(1), p["colcnt"].sum(1, dtype=_I64))
+    # Tokens: Chan merge of each token's hidden chunks, closed form, in float64.
+    rp = p["rowpart"].to(_F64)  # [B*T, C, 3]
+    n_c, mean_c, m2_c = rp[..., 0], rp[..., 1], rp[..., 2]
+    n_t = n_c.sum(1)
+    mu_t = (n_c * mean_c).sum(1) / n_t.clamp(min=1)
+    m2_t = m2_c.sum(1) + (n_c * (mean_c - mu_t[:, None]) ** 2).sum(1)
+    tok_ok = n_t >= 2
+    # Global moments over every (token, chunk) partial.
+    n, mean, m2 = chan_reduce(n_c.reshape(-1).to(_I64), mean_c.reshape(-1), m2_c.reshape(-1))
+    cnt = p["cnt"].to(_I64)
+    ints = torch.stack([samples, tok_ok.sum(), n, cnt[..., 0].sum(), cnt[..., 1].sum()])
     flts = torch.stack([
-        torch.where(has_var, var_b, zero).sum(),
-        torch.where(tok_ok, p["rowvar"].to(_F64), zero).sum(),
+        pooled,
+        torch.where(tok_ok, m2_t / (n_t - 1).clamp(min=1), zero).sum(),
         mean,
         m2,
     ])
@@ -175,10 +181,7 @@ def layer_moments(
     """
     _check_hidden("hidden", hidden)
     mask = _check_mask(attention_mask, hidden)
-    if not (isinstance(sparsity_eps, (int, float)) and math.isfinite(sparsity_eps) and sparsity_eps >= 0):
-        raise ValueError(f"sparsity_eps must be a finite number >= 0, got {sparsity_eps!r}")
-    if sparsity_rel is not None and not (isinstance(sparsity_rel, (int, float)) and math.isfinite(sparsity_rel) and sparsity_rel > 0):
-        raise ValueError(f"sparsity_rel must be None or a finite number > 0, got {sparsity_rel!r}")
+    check_sparsity_thresholds(sparsity_eps, sparsity_rel)
     ints, flts = _layer_moments_op(
         hidden.detach(), None if mask is None else mask.detach(), float(sparsity_eps),
         None if sparsity_rel is None else float(sparsity_rel), backend_for(hidden),

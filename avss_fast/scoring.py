@@ -90,8 +90,7 @@ class LayerScorer:
         self.sparsity_eps = float(sparsity_eps)
         self.sparsity_rel = None if sparsity_rel is None else float(sparsity_rel)
         self.similarity = bool(similarity)
-        # validate thresholds now rather than at the first batch
-        ops.layer_moments(torch.zeros(1, 1, 2), sparsity_eps=self.sparsity_eps, sparsity_rel=self.sparsity_rel)
+        ops.check_sparsity_thresholds(self.sparsity_eps, self.sparsity_rel)  # now, not at the first batch
         self._handles: list = []
         self._mask: torch.Tensor | None = None
         self._inputs: dict[int, torch.Tensor] = {}

@@ -68,6 +68,24 @@ def chan_reduce(n: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor):
     return total, mu, m2_tot
 
 
+def pooled_variance_from_columns(colsum: torch.Tensor, colcnt: torch.Tensor):
+    """AVSS pooled variance from per-sample column sums and counts [B, D].
+
+    Sample b's token mean is ``colsum / colcnt`` over the hidden units it has values for;
+    returns (number of samples with at least two such units, sum over those samples of the
+    unbiased variance of their token mean across hidden units), as 0-dim tensors.
+    """
+    colsum = colsum.to(_F64)
+    zero = torch.zeros((), dtype=_F64, device=colsum.device)
+    keep = colcnt > 0
+    nd = keep.sum(1)
+    mean_bd = colsum / colcnt.clamp(min=1)
+    mu = torch.where(keep, mean_bd, zero).sum(1) / nd.clamp(min=1)
+    var_b = torch.where(keep, (mean_bd - mu[:, None]) ** 2, zero).sum(1) / (nd - 1).clamp(min=1)
+    has_var = nd >= 2
+    return has_var.sum(), torch.where(has_var, var_b, zero).sum()
+
+
 class _Accumulator:
     """Shared machinery: a frozen dataclass of 0-dim tensors, int64 counts and float64 sums.
 

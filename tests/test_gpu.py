@@ -85,15 +85,46 @@ def test_deterministic_and_no_host_sync():
     assert sim.raw()["tokens"] == 2 * 8 * 512
 
 
-def test_scorer_on_cuda_tiny_llama():
+def test_scorer_on_cuda_tiny_llama(monkeypatch):
     from tiny_models import make_tiny, random_batch
 
     from avss_fast.scoring import score_layers
 
     model = make_tiny("llama", num_layers=3)
     batches = [random_batch(model, batch=3, seq=16, seed=s, pad_last=5) for s in range(2)]
+    monkeypatch.setenv("AVSS_FAST_BACKEND", "torch")
     cpu = score_layers(model, batches, progress=False)
+    monkeypatch.setenv("AVSS_FAST_BACKEND", "triton")
     gpu = score_layers(model.cuda(), batches, progress=False)
     for i in range(3):
         assert_moments_close(gpu.moments[i], cpu.moments[i], rtol=1e-4, atol=1e-6)
         assert gpu.layers[i]["block_influence"] == pytest.approx(cpu.layers[i]["block_influence"], abs=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("Sq,Sk", [(300, 300), (1, 777), (64, 500)], ids=["prefill", "decode", "chunked"])
+@pytest.mark.parametrize("D", [64, 128, 80])
+def test_masked_attention_cuda_matches_reference(dtype, Sq, Sk, D):
+    from avss_fast.ops import AttentionRule, masked_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv = 2, 8, 2
+    q = torch.randn(B, Hq, Sq, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, Sk, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, Sk, D, generator=g).to(dtype)
+    km = torch.ones(B, Sk, dtype=torch.bool)
+    km[1, :5] = False  # left padding
+    starts = torch.tensor([[0, Sk // 4, Sk // 2], [0, Sk // 3, 2 * Sk // 3]])
+    kw = dict(scaling=D**-0.5, causal=True, head_gate=torch.tensor([[1.0] * 7 + [0.0], [0.5] * 8]),
+              segment_starts=starts, segment_scale=torch.rand(Hq, 3, generator=g) + 0.5,
+              adaptive=AttentionRule((1, 3, 5), 2, 0.2, 0.0, "last"), return_segment_mass=True)
+    cuda = lambda t: t.cuda() if isinstance(t, torch.Tensor) else t  # noqa: E731
+    out, mass = masked_attention(q.cuda(), k.cuda(), v.cuda(), attention_mask=km.cuda(),
+                                 **{n: cuda(x) for n, x in kw.items()})
+    ref_kw = dict(kw, attention_mask=km[:, None, None, :])
+    ref64, m64 = reference.masked_attention(q, k, v, compute_dtype=torch.float64, **ref_kw)
+    ref_lp, _ = reference.masked_attention(q, k, v, compute_dtype=dtype, **ref_kw)
+    err = (out.cpu().double() - ref64).abs().max().item()
+    bound = 2 * (ref_lp.double() - ref64).abs().max().item() + (1e-4 if dtype == torch.float32 else 1e-2)
+    assert err <= bound, f"{err:.3g} > {bound:.3g}"
+    assert (mass.cpu().double() - m64).abs().max() < 1e-3
