@@ -128,6 +128,7 @@ def build_tokenizer():
     tok = PreTrainedTokenizerFast(
         tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<pad>",
         clean_up_tokenization_spaces=False,
+        split_special_tokens=True,  # literal "<pad>" in a text stays bytes: ids are always the UTF-8 bytes
     )
     assert tok.convert_tokens_to_ids("<|endoftext|>") == EOS and tok.convert_tokens_to_ids("<pad>") == PAD
     return tok
