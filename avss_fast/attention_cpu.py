@@ -10,6 +10,9 @@ Sq x Sk is built unless the caller's mask already is one (padding with causal ma
 * The adaptive rule needs ``sum_{j in s*} p_j f_j v_j``: for rows "last" (the published
   method) it is computed for the last query row alone, O(Sk); for rows "all" it rides in
   the extended values as well.
+* Segment masses come out of SDPA in the input dtype: in bf16 they carry bf16 rounding
+  (the Triton kernel keeps them in fp32), so an adaptive decision with rows "all" can
+  differ between the two backends when a mass sits within ~1e-3 of the threshold.
 * Causal masking is bottom-right aligned: ``is_causal`` when Sq == Sk, no mask when
   Sq == 1 (decode), an explicit [Sq, Sk] mask otherwise (chunked prefill).
 """
@@ -20,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from .reference import segment_ids
+
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa= exists
 
 
 def _sdpa_mask(B, Sq, Sk, causal, key_mask, full_mask, device):
@@ -72,9 +77,14 @@ def masked_attention_torch(
         k_ext = F.pad(kk, (0, width - D))
     else:
         v_ext, q_ext, k_ext = vv, q, kk
-    gqa = k_ext.shape[1] != Hq
+    gqa = {}
+    if k_ext.shape[1] != Hq:
+        if _SDPA_GQA:
+            gqa = {"enable_gqa": True}
+        else:  # torch < 2.5: repeat k/v per query head
+            k_ext, v_ext = k_ext.repeat_interleave(G, dim=1), v_ext.repeat_interleave(G, dim=1)
     o = F.scaled_dot_product_attention(
-        q_ext, k_ext, v_ext, attn_mask=attn_mask, is_causal=is_causal, scale=scaling, enable_gqa=gqa
+        q_ext, k_ext, v_ext, attn_mask=attn_mask, is_causal=is_causal, scale=scaling, **gqa
     )
     o = torch.nan_to_num(o, nan=0.0)  # rows with no allowed key
     out = o[..., :D]

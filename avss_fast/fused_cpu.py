@@ -21,8 +21,8 @@ them, so finite data never pays for the checks: a finite M2 proves every value o
 finite, since ``x - mean`` is NaN/Inf as soon as ``x`` or the mean is. The fast/slow choice
 is made per token and column sums are taken per sample by the same op with or without a
 mask, so a sample's fp32 partials never depend on which samples share its batch (merging
-per-batch results equals one pass up to float64 rounding). Semantics are exactly those of
-``avss_fast.reference``.
+per-batch results equals one pass up to float64 rounding). Semantics are those of
+``avss_fast.reference``, computed in fp32 (fp64 inputs are rounded to fp32).
 """
 
 from __future__ import annotations

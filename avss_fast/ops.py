@@ -9,7 +9,7 @@ Backends (``AVSS_FAST_BACKEND`` forces one):
 * ``reference``: the eager float64 oracle of ``avss_fast.reference``.
 
 Each op is registered with ``torch.library.custom_op`` (``avss_fast::layer_moments``,
-``avss_fast::block_similarity``) with a fake implementation, so it survives
+``avss_fast::block_similarity``, ``avss_fast::masked_attention``) with a fake implementation, so it survives
 ``torch.compile``. Post-processing of kernel partials is float64 device tensor math: no
 host synchronisation on the triton path.
 """
@@ -28,7 +28,7 @@ from .stats import Moments, Similarity
 _F64 = torch.float64
 _I64 = torch.int64
 BACKENDS = ("triton", "torch", "reference")
-MAX_SEGMENTS = 4  # per-segment running masses in the attention kernel
+MAX_SEGMENTS = 4  # per-segment running masses in the attention kernel (kernels/masked_attention.py)
 
 
 def _interpreting() -> bool:
@@ -99,7 +99,7 @@ def check_sparsity_thresholds(sparsity_eps, sparsity_rel) -> None:
         raise ValueError(f"sparsity_rel must be None or a finite number > 0, got {sparsity_rel!r}")
 
 
-def _moments_from_partials(p: dict[str, torch.Tensor], B: int, T: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _moments_from_partials(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Float64 merge of the kernel's partial buffers into the packed Moments fields."""
     from .stats import chan_reduce, pooled_variance_from_columns
 
@@ -141,7 +141,7 @@ def _layer_moments_op(
         if B * T * D == 0:
             return fused_cpu.layer_moments_packed(hidden, attention_mask, sparsity_eps, sparsity_rel)
         p = layer_moments_partials(hidden, attention_mask, sparsity_eps, sparsity_rel)
-        return _moments_from_partials(p, B, T, D)
+        return _moments_from_partials(p)
     if backend == "reference":
         m = reference.layer_moments(hidden, attention_mask, sparsity_eps=sparsity_eps, sparsity_rel=sparsity_rel)
         ints, flts = m.to(hidden.device)._pack()
@@ -177,7 +177,8 @@ def layer_moments(
       ``#{|h| < sparsity_rel * rms(h[b, t, :])}`` (a scale-free threshold for residual
       streams, where an absolute 1e-5 often finds nothing).
 
-    Returns a :class:`~avss_fast.stats.Moments` on ``hidden``'s device (merge with ``+``).
+    Computed in fp32 whatever the input dtype (sums merged in float64). Returns a
+    :class:`~avss_fast.stats.Moments` on ``hidden``'s device (merge with ``+``).
     """
     _check_hidden("hidden", hidden)
     mask = _check_mask(attention_mask, hidden)
@@ -241,6 +242,15 @@ def block_similarity(
 
 
 # ----------------------------------------------------------------------------- masked_attention
+
+
+def _small_tensor(x, dtype, device) -> torch.Tensor:
+    """A small argument (list or tensor) on ``device``, built on the host and copied without
+    blocking, so that a GPU caller never waits for the device here."""
+    t = x if isinstance(x, torch.Tensor) else torch.tensor(x)
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    return t.to(device, non_blocking=True)
 
 
 class AttentionRule(NamedTuple):
@@ -367,7 +377,7 @@ def masked_attention(
         if attention_mask.is_floating_point():
             raise TypeError("attention_mask must be bool (True = attend) or integer (nonzero = attend); "
                             "additive float masks are not accepted, since a bias would be silently dropped")
-        m = attention_mask.to(dev)
+        m = attention_mask.to(dev, non_blocking=True)
         if m.dim() == 2:
             if tuple(m.shape) != (B, Sk):
                 raise ValueError(f"a 2-D attention_mask must be [B, Sk] = {(B, Sk)}, got {tuple(m.shape)}")
@@ -381,16 +391,22 @@ def masked_attention(
             raise ValueError(f"attention_mask must be [B, Sk] or [B, 1|Hq, Sq, Sk], got {tuple(m.shape)}")
     gate = None
     if head_gate is not None:
-        g = torch.as_tensor(head_gate, dtype=torch.float32, device=dev)
+        g = _small_tensor(head_gate, torch.float32, dev)
         if g.dim() == 1 and g.shape[0] == Hq:
             g = g[None].expand(B, Hq)
         if tuple(g.shape) != (B, Hq):
-            raise ValueError(f"head_gate must be [Hq] or [B, Hq] = [{B}, {Hq}], got {tuple(head_gate.shape)}")
+            raise ValueError(f"head_gate must be [Hq] or [B, Hq] = [{B}, {Hq}], got {tuple(g.shape)}")
         gate = g.contiguous()
     starts = None
     S = 1
     if segment_starts is not None:
-        st = torch.as_tensor(segment_starts, device=dev)
+        if not isinstance(segment_starts, torch.Tensor) or segment_starts.device.type == "cpu":
+            host = torch.as_tensor(segment_starts)  # checked on the host, before the copy
+            if host.dim() >= 1 and host.shape[-1] > 1 and not host.is_floating_point() and bool(
+                (host[..., 1:] < host[..., :-1]).any()
+            ):
+                raise ValueError("segment_starts must be non-decreasing within each row")
+        st = _small_tensor(segment_starts, None, dev)
         if st.dim() == 1:
             st = st[None].expand(B, -1)
         if st.dim() != 2 or st.shape[0] != B or st.shape[1] < 1:
@@ -400,18 +416,16 @@ def masked_attention(
         S = st.shape[1]
         if S > MAX_SEGMENTS:
             raise ValueError(f"at most {MAX_SEGMENTS} segments are supported, got {S}")
-        if S > 1 and st.device.type == "cpu" and bool((st[:, 1:] < st[:, :-1]).any()):  # no GPU sync
-            raise ValueError("segment_starts must be non-decreasing within each row")
         starts = st.to(torch.int32).contiguous()
     scale = None
     if segment_scale is not None:
         if starts is None:
             raise ValueError("segment_scale needs segment_starts")
-        sc = torch.as_tensor(segment_scale, dtype=torch.float32, device=dev)
+        sc = _small_tensor(segment_scale, torch.float32, dev)
         if sc.dim() == 2 and tuple(sc.shape) == (Hq, S):
             sc = sc[None].expand(B, -1, -1)
         if tuple(sc.shape) != (B, Hq, S):
-            raise ValueError(f"segment_scale must be [Hq, S] or [B, Hq, S] = [{B}, {Hq}, {S}], got {tuple(segment_scale.shape)}")
+            raise ValueError(f"segment_scale must be [Hq, S] or [B, Hq, S] = [{B}, {Hq}, {S}], got {tuple(sc.shape)}")
         scale = sc.contiguous()
     rule_heads = None
     rule_segment, threshold, rule_scale, last_row_only = 0, 0.0, 1.0, True
@@ -425,9 +439,10 @@ def masked_attention(
         bad = [h for h in adaptive.heads if not 0 <= int(h) < Hq]
         if bad:
             raise ValueError(f"adaptive heads {bad} are out of range for {Hq} query heads")
-        rule_heads = torch.zeros(Hq, dtype=torch.int8, device=dev)
-        if len(adaptive.heads):
-            rule_heads[torch.as_tensor([int(h) for h in adaptive.heads], device=dev)] = 1
+        on = [0] * Hq
+        for h in adaptive.heads:
+            on[int(h)] = 1
+        rule_heads = _small_tensor(on, torch.int8, dev)
         rule_segment, threshold, rule_scale = int(adaptive.segment), float(adaptive.threshold), float(adaptive.scale)
         last_row_only = adaptive.rows == "last"
     if return_segment_mass and starts is None:

@@ -161,22 +161,26 @@ class LayerScorer:
     # -- results -----------------------------------------------------------------------
 
     def report(self, *, model_name: str | None = None, all_reduce: bool | None = None) -> "LayerReport":
-        """Build the :class:`LayerReport` (synchronises once). With ``torch.distributed``
-        initialised (or ``all_reduce=True``), statistics are first merged across ranks."""
-        if all(m is None for m in self.moments):
-            raise ValueError("LayerScorer saw no data: run the model inside the `with` block first")
+        """Build the :class:`LayerReport` (synchronises: call it once, at the end). With
+        ``torch.distributed`` initialised (or ``all_reduce=True``), statistics are first
+        merged across ranks; every rank must call it, also a rank that saw no data."""
         import torch.distributed as dist
 
         if all_reduce is None:
             all_reduce = dist.is_available() and dist.is_initialized()
         moments, sims = [], []
-        for m, s in zip(self.moments, self.similarities):
-            m = m if m is not None else Moments.zeros()
+        for block, m, s in zip(self.layers, self.moments, self.similarities):
+            dev = next((p.device for p in block.parameters()), model_device(self.model))
+            m = m if m is not None else Moments.zeros(dev)
+            if self.similarity and s is None:
+                s = Similarity.zeros(m.device)
             if all_reduce:
                 m = m.all_reduce()
-                s = (s if s is not None else Similarity.zeros(m.device)).all_reduce() if self.similarity else None
+                s = s.all_reduce() if s is not None else None
             moments.append(m.to("cpu"))
             sims.append(None if s is None else s.to("cpu"))
+        if all(int(m.elements) == 0 and int(m.nonfinite) == 0 for m in moments):
+            raise ValueError("LayerScorer saw no data: run the model inside the `with` block first")
         if model_name is None:
             model_name = getattr(getattr(self.model, "config", None), "_name_or_path", None) or type(self.model).__name__
         return LayerReport(

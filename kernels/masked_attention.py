@@ -200,6 +200,7 @@ def masked_attention_fwd(
     out = torch.empty((B, Sq, Hq, D), dtype=q.dtype, device=dev)
     mass = torch.empty((B, Hq, Sq, S), dtype=torch.float32, device=dev) if return_segment_mass else out
     interp = dev.type == "cpu"
+    upcast = interp or q.dtype not in (torch.float16, torch.bfloat16)  # fp32/fp64: fp32 compute
     BLOCK_D = max(16, triton.next_power_of_2(D))
     if interp:
         BLOCK_M = max(16, min(64, triton.next_power_of_2(Sq)))
@@ -208,7 +209,7 @@ def masked_attention_fwd(
     else:
         BLOCK_M = 64 if Sq > 16 else 16
         BLOCK_N = 64 if BLOCK_D <= 128 else 32
-        num_warps, num_stages = (4 if BLOCK_M == 64 else 4), 2
+        num_warps, num_stages = 4, 2
     dummy = out
     starts = segment_starts if segment_starts is not None else torch.zeros((B, 1), dtype=torch.int32, device=dev)
     grid = (triton.cdiv(Sq, BLOCK_M), B * Hq)
@@ -233,9 +234,9 @@ def masked_attention_fwd(
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_SEG=S,
         CAUSAL=causal, HAS_KMASK=key_mask is not None, HAS_SCALE=segment_scale is not None,
         HAS_GATE=head_gate is not None, ADAPTIVE=rule_heads is not None, LAST_ROW_ONLY=last_row_only,
-        STORE_MASS=return_segment_mass, UPCAST=interp or q.dtype == torch.float32,
+        STORE_MASS=return_segment_mass, UPCAST=upcast,
         RULE_SEG=int(rule_segment), HAS_FMASK=full_mask is not None,
-        PRECISION="ieee" if (interp or q.dtype == torch.float32) else "tf32",
+        PRECISION="ieee" if upcast else "tf32",
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, (mass if return_segment_mass else None)

@@ -138,3 +138,9 @@ def test_input_errors():
         masked_attention(q, k, v, scaling=1.0, segment_scale=torch.ones(4, 1))
     with pytest.raises(ValueError, match="head_gate"):
         masked_attention(q, k, v, scaling=1.0, head_gate=torch.ones(3))
+    with pytest.raises(ValueError, match="head_gate"):
+        masked_attention(q, k, v, scaling=1.0, head_gate=[1.0, 0.0])  # a list: still a clear error
+    with pytest.raises(ValueError, match="segment_scale"):
+        masked_attention(q, k, v, scaling=1.0, segment_starts=[0, 2], segment_scale=[[1.0, 2.0]])
+    with pytest.raises(ValueError, match="non-decreasing"):
+        masked_attention(q, k, v, scaling=1.0, segment_starts=torch.tensor([[0, 1], [0, 3]])[[1]].flip(1))

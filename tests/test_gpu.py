@@ -128,3 +128,22 @@ def test_masked_attention_cuda_matches_reference(dtype, Sq, Sk, D):
     bound = 2 * (ref_lp.double() - ref64).abs().max().item() + (1e-4 if dtype == torch.float32 else 1e-2)
     assert err <= bound, f"{err:.3g} > {bound:.3g}"
     assert (mass.cpu().double() - m64).abs().max() < 1e-3
+
+
+def test_masked_attention_does_not_synchronise():
+    """Lists and CPU tensors for gates, segments and the rule are copied without blocking."""
+    from avss_fast.ops import AttentionRule, masked_attention
+
+    q = torch.randn(1, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 2, 300, 64, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    kw = dict(scaling=0.125, segment_starts=[0, 35, 211], head_gate=[1.0] * 7 + [0.0],
+              segment_scale=torch.ones(8, 3), adaptive=AttentionRule((1, 2), 2, 0.4, 0.0, "last"))
+    masked_attention(q, k, v, **kw)  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = masked_attention(q, k, v, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == (1, 1, 8, 64) and bool((out[:, :, 7] == 0).all())
