@@ -35,3 +35,12 @@ def row_tiles(T: int, D: int, device: torch.device, gpu_block_t: int) -> tuple[i
     if device.type == "cpu":
         return min(64, triton.next_power_of_2(max(T, 1))), min(1024, triton.next_power_of_2(max(D, 1))), 1
     return gpu_block_t, min(512, triton.next_power_of_2(max(D, 16))), 8
+
+
+@triton.jit
+def valid_rows(mask_ptr, b, offs_t, in_t, stride_mb, stride_mt, HAS_MASK: tl.constexpr):
+    """Rows of sample ``b`` that are in range and not padding (``mask[b, t] != 0``)."""
+    if HAS_MASK:
+        m = tl.load(mask_ptr + b * stride_mb + offs_t * stride_mt, mask=in_t, other=0)
+        return in_t & (m != 0)
+    return in_t

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLT_MAX, kernel_mask, row_tiles
+from ._common import FLT_MAX, kernel_mask, row_tiles, valid_rows
 
 
 @triton.jit
@@ -32,11 +32,7 @@ def _block_similarity_kernel(
     pid_t = tl.program_id(1).to(tl.int64)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     in_t = offs_t < T
-    if HAS_MASK:
-        m = tl.load(mask_ptr + pid_b * stride_mb + offs_t * stride_mt, mask=in_t, other=0)
-        row_ok = in_t & (m != 0)
-    else:
-        row_ok = in_t
+    row_ok = valid_rows(mask_ptr, pid_b, offs_t, in_t, stride_mb, stride_mt, HAS_MASK)
     a_base = a_ptr + pid_b * stride_ab + offs_t[:, None] * stride_at
     b_base = b_ptr + pid_b * stride_bb + offs_t[:, None] * stride_bt
     dot = tl.zeros([BLOCK_T], dtype=tl.float32)

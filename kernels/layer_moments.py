@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLT_MAX, kernel_mask
+from ._common import FLT_MAX, kernel_mask, valid_rows
 
 
 @triton.jit
@@ -63,11 +63,7 @@ def _layer_moments_kernel(
     for t0 in range(t_begin, t_end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         in_t = offs_t < t_end
-        if HAS_MASK:
-            m = tl.load(mask_ptr + b * stride_mb + offs_t * stride_mt, mask=in_t, other=0)
-            row_ok = in_t & (m != 0)
-        else:
-            row_ok = in_t
+        row_ok = valid_rows(mask_ptr, b, offs_t, in_t, stride_mb, stride_mt, HAS_MASK)
         ok = row_ok[:, None] & in_d[None, :]
         x = tl.load(x_ptr + b * stride_xb + offs_t[:, None] * stride_xt + offs_d[None, :], mask=ok, other=0.0)
         x = x.to(tl.float32)
@@ -110,11 +106,7 @@ def _row_sumsq_kernel(
     b = tl.program_id(0).to(tl.int64)
     offs_t = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     in_t = offs_t < T
-    if HAS_MASK:
-        m = tl.load(mask_ptr + b * stride_mb + offs_t * stride_mt, mask=in_t, other=0)
-        row_ok = in_t & (m != 0)
-    else:
-        row_ok = in_t
+    row_ok = valid_rows(mask_ptr, b, offs_t, in_t, stride_mb, stride_mt, HAS_MASK)
     ss = tl.zeros([BLOCK_T], dtype=tl.float32)
     cnt = tl.zeros([BLOCK_T], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
