@@ -168,6 +168,9 @@ class LayerScorer:
 
         if all_reduce is None:
             all_reduce = dist.is_available() and dist.is_initialized()
+        no_data = ValueError("LayerScorer saw no data: run the model inside the `with` block first")
+        if not all_reduce and all(m is None for m in self.moments):
+            raise no_data
         moments, sims = [], []
         for block, m, s in zip(self.layers, self.moments, self.similarities):
             dev = next((p.device for p in block.parameters()), model_device(self.model))
@@ -179,8 +182,8 @@ class LayerScorer:
                 s = s.all_reduce() if s is not None else None
             moments.append(m.to("cpu"))
             sims.append(None if s is None else s.to("cpu"))
-        if all(int(m.elements) == 0 and int(m.nonfinite) == 0 for m in moments):
-            raise ValueError("LayerScorer saw no data: run the model inside the `with` block first")
+        if all_reduce and all(int(m.elements) == 0 and int(m.nonfinite) == 0 for m in moments):
+            raise no_data  # no rank saw anything (checked after the collective, so no rank hangs)
         if model_name is None:
             model_name = getattr(getattr(self.model, "config", None), "_name_or_path", None) or type(self.model).__name__
         return LayerReport(
