@@ -9,43 +9,20 @@ Prints time, TFLOP/s (4 * B * Hq * Sq * Sk * D / 2 for causal) and peak memory p
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def _import_avss():
-    import importlib.util
-
-    try:
-        import avss_fast.kernels  # noqa: F401  (installed package)
-    except ImportError:
-        spec = importlib.util.spec_from_file_location(
-            "avss_fast.kernels", REPO / "kernels" / "__init__.py", submodule_search_locations=[str(REPO / "kernels")]
-        )
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["avss_fast.kernels"] = mod
-        spec.loader.exec_module(mod)
-    import avss_fast
-
-    return avss_fast
+from gpu_common import setup  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out")
-    args = ap.parse_args()
-    import os
-
-    os.environ.setdefault("AVSS_FAST_BACKEND", "triton")
+    args = setup(__doc__.splitlines()[0])
     import torch
     import triton
 
-    _import_avss()
     from avss_fast import reference
     from avss_fast.ops import AttentionRule, masked_attention
 

@@ -9,27 +9,19 @@ GB/s counts the activation bytes read once (B*T*D*itemsize; two tensors for simi
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_common import setup  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out")
-    args = ap.parse_args()
-    os.environ["AVSS_FAST_BACKEND"] = "triton"
+    args = setup(__doc__.splitlines()[0])
     import torch
     import triton
-    from gpu_bench_attention import _import_avss
-
-    _import_avss()
     from avss_fast import ops, reference
 
     dev = torch.device("cuda")

@@ -256,6 +256,16 @@ def _tokenize_batches(
         yield {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+def _as_tensor(value: Any, name: str, index: int) -> torch.Tensor:
+    """``value`` as a tensor (lists and arrays converted); ValueError naming the batch and key."""
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        return torch.tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"batch {index}: {name} could not be converted to a tensor ({exc})") from None
+
+
 def _check_batch(batch: Any, index: int) -> dict[str, Any]:
     if not isinstance(batch, Mapping):
         if isinstance(batch, str):
@@ -270,14 +280,7 @@ def _check_batch(batch: Any, index: int) -> dict[str, Any]:
     if "input_ids" not in batch:
         raise ValueError(f"batch {index} has no 'input_ids'; keys present: {sorted(batch)}")
     out = dict(batch)  # extra keys pass through untouched
-    ids = batch["input_ids"]
-    if not isinstance(ids, torch.Tensor):
-        try:
-            ids = torch.tensor(ids)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise ValueError(
-                f"batch {index}: input_ids could not be converted to a tensor ({exc})"
-            ) from None
+    ids = _as_tensor(batch["input_ids"], "input_ids", index)
     if ids.dtype not in _INT_DTYPES:
         raise ValueError(f"batch {index}: input_ids must be integers, got dtype {ids.dtype}")
     if ids.dim() != 2:
@@ -289,13 +292,7 @@ def _check_batch(batch: Any, index: int) -> dict[str, Any]:
     if mask is None:
         mask = torch.ones_like(ids)
     else:
-        if not isinstance(mask, torch.Tensor):
-            try:
-                mask = torch.tensor(mask)
-            except (TypeError, ValueError, RuntimeError) as exc:
-                raise ValueError(
-                    f"batch {index}: attention_mask could not be converted to a tensor ({exc})"
-                ) from None
+        mask = _as_tensor(mask, "attention_mask", index)
         if mask.shape != ids.shape:
             raise ValueError(
                 f"batch {index}: attention_mask shape {tuple(mask.shape)} does not match "
