@@ -2,6 +2,7 @@
 pruning and attention-head interventions in large language models."""
 
 from .demo import demo_model_path, demo_texts
+from .heads import AdaptiveRule, HeadIntervention, intervene
 from .ops import block_similarity, layer_moments
 from .scoring import LayerReport, LayerScorer, score_layers
 from .stats import Moments, Similarity
@@ -10,5 +11,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Moments", "Similarity", "layer_moments", "block_similarity",
-    "LayerScorer", "LayerReport", "score_layers", "demo_model_path", "demo_texts", "__version__",
+    "LayerScorer", "LayerReport", "score_layers", "demo_model_path", "demo_texts",
+    "HeadIntervention", "AdaptiveRule", "intervene", "__version__",
 ]

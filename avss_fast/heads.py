@@ -1,0 +1,440 @@
+"""Attention-head interventions inside ordinary transformers forward passes and ``generate``.
+
+transformers 5 dropped ``head_mask`` and ``prune_heads``; the published head methods
+(ablation, static reweighting, adaptive deactivation of hallucination heads, ADHH) ran on
+the eager path that materialises every attention map. Here they run in the one-pass
+``masked_attention`` op (flash-style, O(S) memory), with the KV cache:
+
+>>> iv = HeadIntervention(gates={(3, 5): 0.0},                 # ablate layer 3, head 5
+...                       reweight={(4, 1): {1: 0.5}},         # halve head (4, 1)'s mass on segment 1
+...                       adaptive=AdaptiveRule(heads=[(6, 2)], segment=1, threshold=0.4),
+...                       segment_starts=[0, 35])              # segment 1 = key 35 onward
+>>> with intervene(model, iv) as run:                          # doctest: +SKIP
+...     out = model.generate(input_ids, max_new_tokens=64)
+
+For query head h of layer l, query row i, allowed keys j (causal, padding), with
+``p_ij = softmax_j(scaling q_i . k_j)`` and ``seg(j)`` the segment of key j:
+
+    out_i = g[l, h] * sum_j p_ij * f[l, h, seg(j)] * a_ij * v_j
+
+``g`` = ``gates`` (default 1), ``f`` = ``reweight`` factors (default 1, no
+renormalisation), and ``a_ij = rule.scale`` when (l, h) is one of the rule's heads, row i
+is covered (rows "last": only the last query row of each forward call, so with the KV
+cache every generated token's row and the last prompt row), ``seg(j) = rule.segment`` and
+``sum_{j in rule.segment} p_ij >= rule.threshold``; else 1. With ``scale=0`` and rows
+"last" this is ADHH: the segment's probabilities are zeroed, not renormalised.
+
+Segment starts are key positions as the model sees them: columns of ``input_ids``
+(padding included), the last segment running to the end so generated tokens fall in it.
+For left-padded batches, :func:`shift_segment_starts` turns starts counted from each
+sample's first real token into those positions.
+
+``intervene`` switches the model's attention implementation to ``"avss_fast"`` (registered
+with both ``AttentionInterface`` and ``AttentionMaskInterface``, so the padding mask
+arrives) and puts every config's implementation back on exit, also after an error. No
+module is modified, wrapped or hooked.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import ops
+from .models import find_layers, model_device
+
+ATTENTION_NAME = "avss_fast"  # no "flash" in the name: transformers treats those specially when loading
+
+_REGISTER_LOCK = threading.Lock()
+_REGISTERED = False
+
+#: id(attention-bearing module) -> (layer index, active run). Filled by ``intervene``.
+_ACTIVE: dict[int, tuple[int, "InterventionRun"]] = {}
+
+
+# ----------------------------------------------------------------------------- public data
+
+
+@dataclass(frozen=True)
+class AdaptiveRule:
+    """Adaptive deactivation (ADHH): for each (layer, head) in ``heads``, in the covered query
+    rows (``rows="last"``, the published method, or ``"all"``), when the head's softmax mass
+    on ``segment`` is >= ``threshold``, that segment's probabilities are multiplied by
+    ``scale`` (0 = deactivated), without renormalising."""
+
+    heads: Sequence[tuple[int, int]]
+    segment: int
+    threshold: float = 0.4
+    scale: float = 0.0
+    rows: str = "last"
+
+    def __post_init__(self):
+        object.__setattr__(self, "heads", tuple(_pair(x, "AdaptiveRule.heads") for x in self.heads))
+        if not self.heads:
+            raise ValueError("AdaptiveRule.heads is empty: name at least one (layer, head)")
+        if self.rows not in ("last", "all"):
+            raise ValueError(f"AdaptiveRule.rows must be 'last' or 'all', got {self.rows!r}")
+        for name in ("threshold", "scale"):
+            if not math.isfinite(float(getattr(self, name))):
+                raise ValueError(f"AdaptiveRule.{name} must be finite, got {getattr(self, name)}")
+        if isinstance(self.segment, bool) or not isinstance(self.segment, int) or self.segment < 0:
+            raise ValueError(f"AdaptiveRule.segment must be a segment index >= 0, got {self.segment!r}")
+
+
+@dataclass
+class HeadIntervention:
+    """What to do to which heads. Keys are (layer, query head), both 0-based.
+
+    * ``gates[(l, h)]``: factor on the head's output (0 = ablated). A float, or one value
+      per sample of the batch (a sequence of length B: per-row gates).
+    * ``reweight[(l, h)]``: ``{segment index: factor}`` on that segment's post-softmax
+      probabilities, on every query row, without renormalising.
+    * ``adaptive``: an :class:`AdaptiveRule`.
+    * ``segment_starts``: key positions where segments begin, ``[s0, s1, ...]`` for all
+      samples or one list per sample (at most 4 segments). Needed by ``reweight`` and
+      ``adaptive``.
+    """
+
+    gates: Mapping[tuple[int, int], Any] = field(default_factory=dict)
+    reweight: Mapping[tuple[int, int], Mapping[int, float]] = field(default_factory=dict)
+    adaptive: AdaptiveRule | None = None
+    segment_starts: Any = None
+
+    def is_empty(self) -> bool:
+        return not self.gates and not self.reweight and self.adaptive is None
+
+    def layers(self) -> set[int]:
+        """Layers any part of the intervention touches."""
+        keys = [_pair(k, "key") for k in list(self.gates) + list(self.reweight)]
+        if self.adaptive is not None:
+            keys += list(self.adaptive.heads)
+        return {layer for layer, _ in keys}
+
+
+def _pair(x, what: str) -> tuple[int, int]:
+    try:
+        layer, head = x
+        if isinstance(layer, bool) or isinstance(head, bool):
+            raise TypeError
+        return int(layer), int(head)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: expected a (layer, head) pair of integers, got {x!r}") from None
+
+
+# ----------------------------------------------------------------------------- per-layer plan
+
+
+@dataclass
+class _LayerPlan:
+    """Device tensors for one layer, built once at ``intervene`` entry."""
+
+    gate: torch.Tensor | None = None  # [Hq] or [B0, Hq] float32
+    scale: torch.Tensor | None = None  # [Hq, S] float32
+    rule: ops.AttentionRule | None = None
+
+
+def _num_segments(starts) -> int:
+    t = torch.as_tensor(starts)
+    if t.dim() not in (1, 2) or t.shape[-1] < 1:
+        raise ValueError(f"segment_starts must be [S] or one list per sample [B, S], got shape {tuple(t.shape)}")
+    if t.is_floating_point():
+        raise TypeError("segment_starts must be integer key positions")
+    if bool((t < 0).any()):
+        raise ValueError("segment_starts must be >= 0")
+    if t.shape[-1] > ops.MAX_SEGMENTS:
+        raise ValueError(f"at most {ops.MAX_SEGMENTS} segments are supported, got {t.shape[-1]}")
+    if t.shape[-1] > 1 and bool((t[..., 1:] < t[..., :-1]).any()):
+        raise ValueError("segment_starts must be non-decreasing")
+    return int(t.shape[-1])
+
+
+def build_plans(iv: HeadIntervention, num_layers: int, num_heads: int, device) -> dict[int, _LayerPlan]:
+    """Check ``iv`` against the model's shape and build the per-layer tensors.
+
+    Raises ValueError for layers or heads out of range, segment indices out of range, or
+    ``reweight``/``adaptive`` without ``segment_starts``."""
+    if not isinstance(iv, HeadIntervention):
+        raise TypeError(f"expected a HeadIntervention, got {type(iv).__name__}")
+
+    def check(key, what):
+        layer, head = _pair(key, what)
+        if not 0 <= layer < num_layers:
+            raise ValueError(f"{what}: layer {layer} is out of range (the model has {num_layers} layers)")
+        if not 0 <= head < num_heads:
+            raise ValueError(f"{what}: head {head} of layer {layer} is out of range "
+                             f"(the model has {num_heads} query heads)")
+        return layer, head
+
+    S = None
+    if iv.segment_starts is not None:
+        S = _num_segments(iv.segment_starts)
+    elif iv.reweight or iv.adaptive is not None:
+        raise ValueError("reweight and adaptive need segment_starts (key positions where segments begin)")
+    plans: dict[int, _LayerPlan] = {}
+    batch = None
+    gates: dict[int, dict[int, torch.Tensor]] = {}
+    for key, value in iv.gates.items():
+        layer, head = check(key, "gates")
+        g = torch.as_tensor(value, dtype=torch.float32)
+        if g.dim() > 1 or not bool(torch.isfinite(g).all()):
+            raise ValueError(f"gates[{key}] must be a finite number or one number per sample, got {value!r}")
+        if g.dim() == 1:
+            if batch is not None and g.shape[0] != batch:
+                raise ValueError(f"per-sample gates disagree on the batch size ({batch} vs {g.shape[0]})")
+            batch = g.shape[0]
+        gates.setdefault(layer, {})[head] = g
+    for layer, per_head in gates.items():
+        g = torch.ones((batch, num_heads) if batch else (num_heads,), dtype=torch.float32)
+        for head, val in per_head.items():
+            g[..., head] = val
+        plans.setdefault(layer, _LayerPlan()).gate = g.to(device)
+    for key, factors in iv.reweight.items():
+        layer, head = check(key, "reweight")
+        if not isinstance(factors, Mapping) or not factors:
+            raise ValueError(f"reweight[{key}] must be a non-empty {{segment: factor}} mapping, got {factors!r}")
+        plan = plans.setdefault(layer, _LayerPlan())
+        if plan.scale is None:
+            plan.scale = torch.ones((num_heads, S), dtype=torch.float32)
+        for seg, f in factors.items():
+            if isinstance(seg, bool) or not isinstance(seg, int) or not 0 <= seg < S:
+                raise ValueError(f"reweight[{key}]: segment {seg!r} is out of range for {S} segments")
+            if not math.isfinite(float(f)):
+                raise ValueError(f"reweight[{key}][{seg}] must be finite, got {f}")
+            plan.scale[head, seg] = float(f)
+    for plan in plans.values():
+        if plan.scale is not None:
+            plan.scale = plan.scale.to(device)
+    rule = iv.adaptive
+    if rule is not None:
+        if not isinstance(rule, AdaptiveRule):
+            raise TypeError(f"adaptive must be an AdaptiveRule, got {type(rule).__name__}")
+        if rule.segment >= S:
+            raise ValueError(f"AdaptiveRule.segment {rule.segment} is out of range for {S} segments")
+        by_layer: dict[int, list[int]] = {}
+        for key in rule.heads:
+            layer, head = check(key, "AdaptiveRule.heads")
+            by_layer.setdefault(layer, []).append(head)
+        for layer, heads in by_layer.items():
+            plans.setdefault(layer, _LayerPlan()).rule = ops.AttentionRule(
+                tuple(sorted(set(heads))), rule.segment, float(rule.threshold), float(rule.scale), rule.rows
+            )
+    return plans
+
+
+def shift_segment_starts(segment_starts, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Segment starts counted from each sample's first real token -> key positions of a
+    left-padded batch: ``starts[b, s] + (number of leading padding tokens of row b)``.
+
+    ``segment_starts`` is [S] (shared) or [B, S]; ``attention_mask`` [B, T] (1 = token)."""
+    m = torch.as_tensor(attention_mask)
+    if m.dim() != 2:
+        raise ValueError(f"attention_mask must be [B, T], got {tuple(m.shape)}")
+    starts = torch.as_tensor(segment_starts, dtype=torch.long)
+    lead = ((m != 0).long().cumsum(-1) == 0).sum(-1)  # [B]
+    if starts.dim() == 1:
+        starts = starts[None].expand(m.shape[0], -1)
+    if starts.shape[0] != m.shape[0]:
+        raise ValueError(f"segment_starts has {starts.shape[0]} rows but the batch has {m.shape[0]}")
+    return starts + lead.to(starts.device)[:, None]
+
+
+# ----------------------------------------------------------------------------- the attention function
+
+
+class InterventionRun:
+    """What ``intervene`` yields: the per-layer plans and, in ``calls``, how many attention
+    calls each layer made under the intervention (a layer named in the intervention with
+    0 calls after a forward means the intervention never reached it)."""
+
+    def __init__(self, intervention: HeadIntervention, plans: dict[int, _LayerPlan], starts, num_layers: int):
+        self.intervention = intervention
+        self.plans = plans
+        self.segment_starts = starts  # [S] or [B0, S] int32 on the model's device, or None
+        self.num_layers = num_layers
+        self.calls: Counter[int] = Counter()
+
+    @staticmethod
+    def _per_batch(t: torch.Tensor | None, B: int, what: str) -> torch.Tensor | None:
+        """A per-sample argument [B0, ...] for a call with batch B: as is, or repeated per
+        sample when generate expanded the batch (num_return_sequences, beams: B = k * B0)."""
+        if t is None or t.dim() < 2 or t.shape[0] == B:
+            return t
+        B0 = t.shape[0]
+        if B % B0:
+            raise ValueError(f"{what} was given for {B0} samples but the model ran a batch of {B}")
+        return t.repeat_interleave(B // B0, dim=0)
+
+    def attention_kwargs(self, layer: int, B: int) -> dict:
+        plan = self.plans.get(layer)
+        if plan is None:
+            return {}
+        kw: dict[str, Any] = {}
+        if plan.gate is not None:
+            kw["head_gate"] = self._per_batch(plan.gate, B, "per-sample gates")
+        if plan.scale is not None or plan.rule is not None:
+            kw["segment_starts"] = self._per_batch(self.segment_starts, B, "segment_starts")
+            if plan.scale is not None:
+                kw["segment_scale"] = plan.scale
+            if plan.rule is not None:
+                kw["adaptive"] = plan.rule
+        return kw
+
+
+def avss_fast_attention(module: nn.Module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The ``"avss_fast"`` attention implementation (transformers ``AttentionInterface``).
+
+    ``query`` [B, Hq, Sq, D], ``key``/``value`` [B, Hkv, Sk, D] (cache already updated),
+    ``attention_mask`` bool [B, 1, Sq, Sk] from the registered mask function or None.
+    Returns ([B, Sq, Hq, D], None). Without an active intervention it is plain attention."""
+    for name in ("softcap", "sinks", "s_aux", "position_bias"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(
+                f"the avss_fast attention does not support `{name}` ({type(module).__name__}); "
+                "this model cannot run head interventions"
+            )
+    if dropout and module.training:
+        raise NotImplementedError("the avss_fast attention has no dropout: put the model in eval mode")
+    if kwargs.get("output_attentions"):
+        raise ValueError("output_attentions=True materialises every attention map; the avss_fast attention "
+                         "never does (use HeadScorer for per-head statistics)")
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    B, Hq, Sq, D = query.shape
+    Sk = key.shape[2]
+    mask = attention_mask
+    if mask is not None and mask.dtype != torch.bool:
+        raise TypeError(f"the avss_fast attention expects a bool mask from its mask function, got {mask.dtype}")
+    causal = bool(is_causal) and mask is None and Sq > 1
+    if causal and Sk > Sq:
+        # as in transformers' SDPA integration: only a prefill into an empty static cache
+        # gets here; the keys past the prompt are empty slots
+        key, value = key[:, :, :Sq], value[:, :, :Sq]
+    if mask is not None and mask.shape[2] == 1 and mask.shape[1] == 1:
+        mask = mask[:, 0, 0, :]  # decode: a key mask is all there is
+    entry = _ACTIVE.get(id(module))
+    kw = {}
+    if entry is not None:
+        layer, run = entry
+        run.calls[layer] += 1
+        kw = run.attention_kwargs(layer, B)
+    out = ops.masked_attention(
+        query, key, value, scaling=float(scaling) if scaling is not None else D ** -0.5,
+        causal=causal, attention_mask=mask, **kw,
+    )
+    return out, None
+
+
+def register() -> None:
+    """Register ``"avss_fast"`` with transformers' attention and mask interfaces (idempotent).
+
+    The mask function is transformers' own SDPA one (bool [B, 1, Sq, Sk], or None when
+    causal order alone decides); without it the attention would get no padding mask."""
+    global _REGISTERED
+    with _REGISTER_LOCK:
+        if _REGISTERED:
+            return
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(ATTENTION_NAME, avss_fast_attention)
+        AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+        _REGISTERED = True
+
+
+# ----------------------------------------------------------------------------- intervene
+
+
+def _all_configs(model: nn.Module) -> list:
+    """Every config object the model and its sub-models carry (and their sub-configs)."""
+    seen: dict[int, Any] = {}
+    todo = [m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")]
+    while todo:
+        cfg = todo.pop()
+        if id(cfg) in seen:
+            continue
+        seen[id(cfg)] = cfg
+        for key in getattr(cfg, "sub_configs", {}) or {}:
+            sub = getattr(cfg, key, None)
+            if sub is not None and hasattr(sub, "_attn_implementation"):
+                todo.append(sub)
+    return list(seen.values())
+
+
+def _check_supported(model: nn.Module) -> None:
+    """Attention features the op does not have: refuse up front, naming the feature."""
+    cfg = model.config
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for name in ("attn_logit_softcapping", "attention_logit_softcapping"):
+        if getattr(text, name, None) is not None:
+            raise ValueError(
+                f"{type(model).__name__} caps its attention logits ({name}={getattr(text, name)}); the avss_fast "
+                "attention has no logit soft-capping, so this model cannot take head interventions"
+            )
+
+
+def _num_query_heads(model: nn.Module) -> int:
+    cfg = model.config
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for name in ("num_attention_heads", "n_head", "n_heads"):
+        n = getattr(text, name, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    raise ValueError(f"cannot tell the number of attention heads of {type(model).__name__} from its config")
+
+
+@contextmanager
+def intervene(model: nn.Module, intervention: HeadIntervention | None = None, *, layers_path: str | None = None):
+    """Run ``model`` (forward or ``generate``) with ``intervention`` applied to its heads.
+
+    Switches every config of the model to the ``"avss_fast"`` attention implementation and
+    restores each one's previous implementation on exit, also after an exception. Yields an
+    :class:`InterventionRun` (``run.calls``: attention calls per layer). An empty
+    intervention gives plain attention (equal to SDPA within dtype tolerance).
+
+    Raises ValueError for out-of-range layers/heads and for models whose attention does
+    not go through transformers' ``AttentionInterface`` (they cannot take it)."""
+    intervention = intervention if intervention is not None else HeadIntervention()
+    if not hasattr(model, "set_attn_implementation") or not hasattr(model, "config"):
+        raise ValueError(f"{type(model).__name__} is not a transformers PreTrainedModel; intervene needs one")
+    if hasattr(model, "_can_set_attn_implementation") and not model._can_set_attn_implementation():
+        raise ValueError(
+            f"{type(model).__name__} does not route attention through transformers' AttentionInterface, "
+            "so its heads cannot be intervened on"
+        )
+    _check_supported(model)
+    path, blocks = find_layers(model, layers_path)
+    num_layers, num_heads = len(blocks), _num_query_heads(model)
+    device = model_device(model)
+    plans = build_plans(intervention, num_layers, num_heads, device)
+    starts = None
+    if intervention.segment_starts is not None:
+        starts = torch.as_tensor(intervention.segment_starts, dtype=torch.int32).to(device)
+    register()
+    run = InterventionRun(intervention, plans, starts, num_layers)
+    owned = {id(m): (i, run) for i, block in enumerate(blocks) for m in block.modules()}
+    busy = [k for k in owned if k in _ACTIVE]
+    if busy:
+        raise RuntimeError("this model is already under intervene(); nested interventions are not supported")
+    configs = _all_configs(model)
+    saved = [(cfg, cfg.__dict__.get("_attn_implementation_internal", None)) for cfg in configs]
+    _ACTIVE.update(owned)
+    try:
+        try:
+            model.set_attn_implementation(ATTENTION_NAME)
+        except (ValueError, ImportError) as e:
+            raise ValueError(f"{type(model).__name__} cannot take the avss_fast attention: {e}") from e
+        yield run
+    finally:
+        for k in owned:
+            _ACTIVE.pop(k, None)
+        for cfg, impl in saved:
+            cfg._attn_implementation_internal = impl
