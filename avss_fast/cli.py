@@ -3,6 +3,7 @@
 ``avss-fast score`` scores every layer of a model (by default the bundled pretrained
 MiniLM on the built-in English corpus), prints a ranked table and writes
 ``report.json``, ``report.csv`` and ``report.png`` to ``--out``.
+``avss-fast generate`` generates with and without a head intervention (cli_generate.py).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ def load_model(path: str, *, device: str = "auto", dtype: str = "auto"):
     Causal LMs load with ``AutoModelForCausalLM``, encoders with ``AutoModel``."""
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the weight-loading bar; ours show the real work
 
     local = Path(path).is_dir()
     kw = {"local_files_only": True} if local else {}
@@ -140,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_score)
+    from . import cli_generate
+
+    cli_generate.register(sub)
     return p
 
 

