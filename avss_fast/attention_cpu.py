@@ -13,6 +13,9 @@ Sq x Sk is built unless the caller's mask already is one (padding with causal ma
 * Segment masses come out of SDPA in the input dtype: in bf16 they carry bf16 rounding
   (the Triton kernel keeps them in fp32), so an adaptive decision with rows "all" can
   differ between the two backends when a mass sits within ~1e-3 of the threshold.
+* A single query row (decoding with the KV cache) with any intervention is computed
+  explicitly, O(Sk) per head: scores, softmax, masses and factors in a handful of ops,
+  cheaper than SDPA plus the extra columns at this size.
 * Causal masking is bottom-right aligned: ``is_causal`` when Sq == Sk, no mask when
   Sq == 1 (decode), an explicit [Sq, Sk] mask otherwise (chunked prefill).
 """
@@ -44,12 +47,65 @@ def _sdpa_mask(B, Sq, Sk, causal, key_mask, full_mask, device):
     return m, False
 
 
+def _one_row(q, k, v, *, scaling, key_mask, full_mask, head_gate, segment_starts, segment_scale,
+             rule_heads, rule_segment, threshold, rule_scale, return_segment_mass):
+    """Sq == 1 (the row sees every allowed key): explicit scores and softmax in fp32 (or fp64
+    for fp64 inputs), ``p`` [B, Hq, Sk]; masses ``p @ onehot``; factors
+    ``f[h, seg(j)] * (rule.scale where the rule fires and seg(j) = rule.segment)``;
+    ``out = gate * (p * f) @ v``. Grouped-query heads by reshaping, never repeating k/v."""
+    B, Hq, _, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = (q.reshape(B, Hkv, G, D).to(cd) @ k.to(cd).transpose(-1, -2)).reshape(B, Hq, Sk) * scaling
+    allowed = None
+    if key_mask is not None:
+        allowed = key_mask.to(torch.bool)[:, None, :]
+    if full_mask is not None:
+        fm = full_mask.to(torch.bool)[:, :, 0, :]
+        allowed = fm if allowed is None else allowed & fm
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    if allowed is not None:
+        p = torch.nan_to_num(p, nan=0.0)  # a row with no allowed key
+    w, mass = p, None
+    if segment_starts is not None:
+        seg = segment_ids(segment_starts.to(torch.long), Sk)  # [B, Sk]
+        if return_segment_mass:
+            mass = p @ F.one_hot(seg, segment_starts.shape[1]).to(cd)  # [B, Hq, S]
+        factor = None
+        if segment_scale is not None:
+            factor = torch.gather(segment_scale.to(cd), 2, seg[:, None, :].expand(B, Hq, Sk))
+        if rule_heads is not None:
+            in_seg = (seg == rule_segment)[:, None, :]  # [B, 1, Sk]
+            fire = ((p * in_seg).sum(-1) >= threshold) & (rule_heads != 0)[None, :]  # [B, Hq]
+            a = torch.where(fire[..., None] & in_seg, rule_scale, 1.0).to(cd)
+            factor = a if factor is None else factor * a
+        if factor is not None:
+            w = p * factor
+    out = (w.reshape(B, Hkv, G, Sk) @ v.to(cd)).reshape(B, Hq, D)
+    if head_gate is not None:
+        out = out * head_gate.to(cd)[..., None]
+    out = out.to(q.dtype).reshape(B, 1, Hq, D)
+    if return_segment_mass:
+        return out, mass.float().reshape(B, Hq, 1, -1)
+    return out, None
+
+
 def masked_attention_torch(
     q, k, v, *, scaling, causal, key_mask, full_mask, head_gate, segment_starts, segment_scale,
     rule_heads, rule_segment, threshold, rule_scale, last_row_only, return_segment_mass,
 ):
     """Same contract as ``kernels.masked_attention.masked_attention_fwd``."""
     B, Hq, Sq, D = q.shape
+    if Sq == 1 and (segment_starts is not None or head_gate is not None):
+        return _one_row(
+            q, k, v, scaling=scaling, key_mask=key_mask, full_mask=full_mask, head_gate=head_gate,
+            segment_starts=segment_starts, segment_scale=segment_scale, rule_heads=rule_heads,
+            rule_segment=rule_segment, threshold=threshold, rule_scale=rule_scale,
+            return_segment_mass=return_segment_mass,
+        )
     Hkv, Sk = k.shape[1], k.shape[2]
     G = Hq // Hkv
     dev, dt = q.device, q.dtype

@@ -260,6 +260,7 @@ class InterventionRun:
         self.segment_starts = starts  # [S] or [B0, S] int32 on the model's device, or None
         self.num_layers = num_layers
         self.calls: Counter[int] = Counter()
+        self._prepared: dict[tuple, ops.AttentionArgs] = {}
 
     @staticmethod
     def _per_batch(t: torch.Tensor | None, B: int, what: str) -> torch.Tensor | None:
@@ -272,20 +273,24 @@ class InterventionRun:
             raise ValueError(f"{what} was given for {B0} samples but the model ran a batch of {B}")
         return t.repeat_interleave(B // B0, dim=0)
 
-    def attention_kwargs(self, layer: int, B: int) -> dict:
-        plan = self.plans.get(layer)
-        if plan is None:
-            return {}
-        kw: dict[str, Any] = {}
-        if plan.gate is not None:
-            kw["head_gate"] = self._per_batch(plan.gate, B, "per-sample gates")
-        if plan.scale is not None or plan.rule is not None:
-            kw["segment_starts"] = self._per_batch(self.segment_starts, B, "segment_starts")
-            if plan.scale is not None:
-                kw["segment_scale"] = plan.scale
-            if plan.rule is not None:
-                kw["adaptive"] = plan.rule
-        return kw
+    def attention_args(self, layer: int, B: int, Hq: int, device) -> ops.AttentionArgs:
+        """The op's prepared arguments for ``layer`` at batch size ``B``: built and checked on
+        the first call, then reused for every decode step."""
+        key = (layer, B, Hq, str(device))
+        args = self._prepared.get(key)
+        if args is None:
+            plan = self.plans.get(layer)
+            kw: dict[str, Any] = {}
+            if plan is not None:
+                if plan.gate is not None:
+                    kw["head_gate"] = self._per_batch(plan.gate, B, "per-sample gates")
+                if plan.scale is not None or plan.rule is not None:
+                    kw["segment_starts"] = self._per_batch(self.segment_starts, B, "segment_starts")
+                    kw["segment_scale"] = plan.scale
+                    kw["adaptive"] = plan.rule
+            args = ops.prepare_attention_args(B, Hq, device, **kw)
+            self._prepared[key] = args
+        return args
 
 
 def avss_fast_attention(module: nn.Module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -321,16 +326,20 @@ def avss_fast_attention(module: nn.Module, query, key, value, attention_mask, sc
     if mask is not None and mask.shape[2] == 1 and mask.shape[1] == 1:
         mask = mask[:, 0, 0, :]  # decode: a key mask is all there is
     entry = _ACTIVE.get(id(module))
-    kw = {}
     if entry is not None:
         layer, run = entry
         run.calls[layer] += 1
-        kw = run.attention_kwargs(layer, B)
-    out = ops.masked_attention(
-        query, key, value, scaling=float(scaling) if scaling is not None else D ** -0.5,
-        causal=causal, attention_mask=mask, **kw,
+        args = run.attention_args(layer, B, Hq, query.device)
+    else:
+        args = _PLAIN
+    out = ops.masked_attention_prepared(
+        query, key, value, args, scaling=float(scaling) if scaling is not None else D ** -0.5,
+        causal=causal, attention_mask=mask,
     )
     return out, None
+
+
+_PLAIN = ops.AttentionArgs(None, None, None, None)
 
 
 def register() -> None:

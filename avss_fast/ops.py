@@ -266,14 +266,10 @@ class AttentionRule(NamedTuple):
     rows: str = "last"
 
 
-@torch.library.custom_op("avss_fast::masked_attention", mutates_args=())
-def _masked_attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    key_mask: torch.Tensor | None, full_mask: torch.Tensor | None, head_gate: torch.Tensor | None,
-    segment_starts: torch.Tensor | None, segment_scale: torch.Tensor | None, rule_heads: torch.Tensor | None,
-    scaling: float, causal: bool, rule_segment: int, threshold: float, rule_scale: float,
-    last_row_only: bool, return_segment_mass: bool, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _masked_attention_impl(
+    q, k, v, key_mask, full_mask, head_gate, segment_starts, segment_scale, rule_heads,
+    scaling, causal, rule_segment, threshold, rule_scale, last_row_only, return_segment_mass, backend,
+):
     kw = dict(
         scaling=scaling, causal=causal, key_mask=key_mask, full_mask=full_mask, head_gate=head_gate,
         segment_starts=segment_starts, segment_scale=segment_scale, rule_heads=rule_heads,
@@ -293,6 +289,20 @@ def _masked_attention_op(
     if mass is None:
         mass = torch.empty((0,), dtype=torch.float32, device=q.device)
     return out, mass
+
+
+@torch.library.custom_op("avss_fast::masked_attention", mutates_args=())
+def _masked_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    key_mask: torch.Tensor | None, full_mask: torch.Tensor | None, head_gate: torch.Tensor | None,
+    segment_starts: torch.Tensor | None, segment_scale: torch.Tensor | None, rule_heads: torch.Tensor | None,
+    scaling: float, causal: bool, rule_segment: int, threshold: float, rule_scale: float,
+    last_row_only: bool, return_segment_mass: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _masked_attention_impl(
+        q, k, v, key_mask, full_mask, head_gate, segment_starts, segment_scale, rule_heads,
+        scaling, causal, rule_segment, threshold, rule_scale, last_row_only, return_segment_mass, backend,
+    )
 
 
 @_masked_attention_op.register_fake
@@ -326,69 +336,29 @@ def _masked_attention_reference(q, k, v, *, scaling, causal, key_mask, full_mask
     return res if return_segment_mass else (res, None)
 
 
-def masked_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scaling: float,
-    causal: bool = True,
-    attention_mask: torch.Tensor | None = None,
-    head_gate: torch.Tensor | None = None,
-    segment_starts=None,
-    segment_scale: torch.Tensor | None = None,
-    adaptive: AttentionRule | None = None,
-    return_segment_mass: bool = False,
-):
-    """Attention forward with head gates, segment reweighting and the adaptive rule, in one
-    pass and O(S) memory. ``q`` [B, Hq, Sq, D], ``k``/``v`` [B, Hkv, Sk, D] (Hq a multiple of
-    Hkv; k/v never repeated by the kernel). Returns ``out`` [B, Sq, Hq, D] (the layout
-    transformers expects), and with ``return_segment_mass`` also ``mass`` [B, Hq, Sq, S].
+class AttentionArgs(NamedTuple):
+    """The small per-call arguments of ``masked_attention``, validated and on the device
+    (see :func:`prepare_attention_args`)."""
 
-    For query row i and allowed keys j (causal: ``j <= i + Sk - Sq``, bottom-right; mask):
-    ``p = softmax(scaling q_i . k_j)``; ``mass_s = sum_{j in s} p_j``;
-    ``out_i = head_gate[h] * sum_j p_j * segment_scale[h, seg(j)] * a_ij * v_j`` with
-    ``a_ij = adaptive.scale`` when head h is in the rule, row i is covered ("last": only
-    the last query row), ``seg(j) = adaptive.segment`` and ``mass_segment >= threshold``;
-    else 1. Nothing is renormalised.
+    head_gate: torch.Tensor | None  # [B, Hq] float32
+    segment_starts: torch.Tensor | None  # [B, S] int32
+    segment_scale: torch.Tensor | None  # [B, Hq, S] float32
+    rule_heads: torch.Tensor | None  # [Hq] int8
+    rule_segment: int = 0
+    threshold: float = 0.0
+    rule_scale: float = 1.0
+    last_row_only: bool = True
+    return_segment_mass: bool = False
 
-    ``attention_mask``: bool (True = attend) [B, Sk] key-padding mask or [B, 1|Hq, Sq, Sk];
-    integer masks are read as nonzero = attend. ``head_gate``: [Hq] or [B, Hq].
-    ``segment_starts``: [S] or [B, S] key positions where each segment begins (the last runs
-    to the end), at most 4 segments. ``segment_scale``: [Hq, S] or [B, Hq, S].
-    """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor [batch, heads, seq, head_dim], got "
-                             f"{getattr(t, 'shape', type(t).__name__)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be floating point, got {t.dtype}")
-    B, Hq, Sq, D = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be [B={B}, Hkv, Sk, D={D}]")
-    Hkv, Sk = k.shape[1], k.shape[2]
-    if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
-    if not (k.dtype == v.dtype == q.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    dev = q.device
-    key_mask = full_mask = None
-    if attention_mask is not None:
-        if attention_mask.is_floating_point():
-            raise TypeError("attention_mask must be bool (True = attend) or integer (nonzero = attend); "
-                            "additive float masks are not accepted, since a bias would be silently dropped")
-        m = attention_mask.to(dev, non_blocking=True)
-        if m.dim() == 2:
-            if tuple(m.shape) != (B, Sk):
-                raise ValueError(f"a 2-D attention_mask must be [B, Sk] = {(B, Sk)}, got {tuple(m.shape)}")
-            key_mask = (m != 0).to(torch.int8).contiguous()
-        elif m.dim() == 4:
-            if m.shape[0] not in (1, B) or m.shape[1] not in (1, Hq) or tuple(m.shape[2:]) != (Sq, Sk):
-                raise ValueError(f"a 4-D attention_mask must be [B|1, 1|Hq, Sq, Sk] = [{B}, 1|{Hq}, {Sq}, {Sk}], "
-                                 f"got {tuple(m.shape)}")
-            full_mask = (m != 0).to(torch.int8).expand(B, m.shape[1], Sq, Sk).contiguous()
-        else:
-            raise ValueError(f"attention_mask must be [B, Sk] or [B, 1|Hq, Sq, Sk], got {tuple(m.shape)}")
+
+def prepare_attention_args(
+    B: int, Hq: int, device, *, head_gate=None, segment_starts=None, segment_scale=None,
+    adaptive: AttentionRule | None = None, return_segment_mass: bool = False,
+) -> AttentionArgs:
+    """Validate and place the small arguments of ``masked_attention`` for a batch of ``B``
+    rows and ``Hq`` query heads. A caller that runs many calls with the same arguments
+    (a head intervention during ``generate``) prepares them once."""
+    dev = device
     gate = None
     if head_gate is not None:
         g = _small_tensor(head_gate, torch.float32, dev)
@@ -447,8 +417,100 @@ def masked_attention(
         last_row_only = adaptive.rows == "last"
     if return_segment_mass and starts is None:
         starts = torch.zeros((B, 1), dtype=torch.int32, device=dev)
-    out, mass = _masked_attention_op(
-        q, k, v, key_mask, full_mask, gate, starts, scale, rule_heads, float(scaling), bool(causal),
-        rule_segment, threshold, rule_scale, last_row_only, bool(return_segment_mass), backend_for(q),
+    return AttentionArgs(gate, starts, scale, rule_heads, rule_segment, threshold, rule_scale, last_row_only,
+                         bool(return_segment_mass))
+
+
+def _check_qkv(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [batch, heads, seq, head_dim], got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    B, Hq, Sq, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be [B={B}, Hkv, Sk, D={D}]")
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    if not (k.dtype == v.dtype == q.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def _mask_args(attention_mask, B, Hq, Sq, Sk, dev):
+    """(key_mask [B, Sk] int8, full_mask [B, 1|Hq, Sq, Sk] int8), at most one of them set."""
+    if attention_mask is None:
+        return None, None
+    if attention_mask.is_floating_point():
+        raise TypeError("attention_mask must be bool (True = attend) or integer (nonzero = attend); "
+                        "additive float masks are not accepted, since a bias would be silently dropped")
+    m = attention_mask.to(dev, non_blocking=True)
+    if m.dim() == 2:
+        if tuple(m.shape) != (B, Sk):
+            raise ValueError(f"a 2-D attention_mask must be [B, Sk] = {(B, Sk)}, got {tuple(m.shape)}")
+        return (m != 0).to(torch.int8).contiguous(), None
+    if m.dim() == 4:
+        if m.shape[0] not in (1, B) or m.shape[1] not in (1, Hq) or tuple(m.shape[2:]) != (Sq, Sk):
+            raise ValueError(f"a 4-D attention_mask must be [B|1, 1|Hq, Sq, Sk] = [{B}, 1|{Hq}, {Sq}, {Sk}], "
+                             f"got {tuple(m.shape)}")
+        return None, (m != 0).to(torch.int8).expand(B, m.shape[1], Sq, Sk).contiguous()
+    raise ValueError(f"attention_mask must be [B, Sk] or [B, 1|Hq, Sq, Sk], got {tuple(m.shape)}")
+
+
+def masked_attention_prepared(q, k, v, args: AttentionArgs, *, scaling: float, causal: bool = True,
+                              attention_mask=None):
+    """``masked_attention`` with arguments from :func:`prepare_attention_args` (checked once).
+    Under ``torch.compile`` it goes through the registered custom op; in eager mode it calls
+    the implementation directly (the custom-op dispatch costs tens of microseconds a call,
+    which shows in token-by-token decoding)."""
+    _check_qkv(q, k, v)
+    B, Hq, Sq, _ = q.shape
+    Sk = k.shape[2]
+    key_mask, full_mask = _mask_args(attention_mask, B, Hq, Sq, Sk, q.device)
+    call = _masked_attention_op if torch.compiler.is_compiling() else _masked_attention_impl
+    out, mass = call(
+        q, k, v, key_mask, full_mask, args.head_gate, args.segment_starts, args.segment_scale, args.rule_heads,
+        float(scaling), bool(causal), args.rule_segment, args.threshold, args.rule_scale, args.last_row_only,
+        args.return_segment_mass, backend_for(q),
     )
-    return (out, mass) if return_segment_mass else out
+    return (out, mass) if args.return_segment_mass else out
+
+
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scaling: float,
+    causal: bool = True,
+    attention_mask: torch.Tensor | None = None,
+    head_gate: torch.Tensor | None = None,
+    segment_starts=None,
+    segment_scale: torch.Tensor | None = None,
+    adaptive: AttentionRule | None = None,
+    return_segment_mass: bool = False,
+):
+    """Attention forward with head gates, segment reweighting and the adaptive rule, in one
+    pass and O(S) memory. ``q`` [B, Hq, Sq, D], ``k``/``v`` [B, Hkv, Sk, D] (Hq a multiple of
+    Hkv; k/v never repeated by the kernel). Returns ``out`` [B, Sq, Hq, D] (the layout
+    transformers expects), and with ``return_segment_mass`` also ``mass`` [B, Hq, Sq, S].
+
+    For query row i and allowed keys j (causal: ``j <= i + Sk - Sq``, bottom-right; mask):
+    ``p = softmax(scaling q_i . k_j)``; ``mass_s = sum_{j in s} p_j``;
+    ``out_i = head_gate[h] * sum_j p_j * segment_scale[h, seg(j)] * a_ij * v_j`` with
+    ``a_ij = adaptive.scale`` when head h is in the rule, row i is covered ("last": only
+    the last query row), ``seg(j) = adaptive.segment`` and ``mass_segment >= threshold``;
+    else 1. Nothing is renormalised.
+
+    ``attention_mask``: bool (True = attend) [B, Sk] key-padding mask or [B, 1|Hq, Sq, Sk];
+    integer masks are read as nonzero = attend. ``head_gate``: [Hq] or [B, Hq].
+    ``segment_starts``: [S] or [B, S] key positions where each segment begins (the last runs
+    to the end), at most 4 segments. ``segment_scale``: [Hq, S] or [B, Hq, S].
+    """
+    _check_qkv(q, k, v)
+    args = prepare_attention_args(
+        q.shape[0], q.shape[1], q.device, head_gate=head_gate, segment_starts=segment_starts,
+        segment_scale=segment_scale, adaptive=adaptive, return_segment_mass=return_segment_mass,
+    )
+    return masked_attention_prepared(q, k, v, args, scaling=scaling, causal=causal, attention_mask=attention_mask)

@@ -144,3 +144,55 @@ def test_input_errors():
         masked_attention(q, k, v, scaling=1.0, segment_starts=[0, 2], segment_scale=[[1.0, 2.0]])
     with pytest.raises(ValueError, match="non-decreasing"):
         masked_attention(q, k, v, scaling=1.0, segment_starts=torch.tensor([[0, 1], [0, 3]])[[1]].flip(1))
+
+
+def test_masked_attention_op_passes_opcheck():
+    q, k, v = _qkv(2, 4, 2, 5, 9, 8, torch.float32)
+    starts = torch.tensor([[0, 3], [0, 6]], dtype=torch.int32)
+    gate = torch.rand(2, 4)
+    rule = torch.tensor([1, 0, 0, 1], dtype=torch.int8)
+    args = (q, k, v, None, None, gate, starts, None, rule, 0.3, True, 1, 0.4, 0.0, False, True, "torch")
+    torch.library.opcheck(torch.ops.avss_fast.masked_attention.default, args)
+
+
+def test_masked_attention_under_torch_compile():
+    """Compiled, the op runs through the registered custom op (eager calls skip its dispatch);
+    both give the same numbers."""
+    q, k, v = _qkv(1, 4, 2, 6, 6, 8, torch.float32)
+    rule = AttentionRule((0, 2), 1, 0.3, 0.0, "all")
+    starts = torch.tensor([[0, 2]])
+
+    def f(q, k, v):
+        return masked_attention(q * 1.0, k, v, scaling=0.35, segment_starts=starts, adaptive=rule)
+
+    compiled = torch.compile(f, backend="eager")
+    assert torch.allclose(compiled(q, k, v), f(q, k, v), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask_kind", ["none", "keys", "full"])
+@pytest.mark.parametrize("nseg", [1, 3])
+def test_decode_row_with_every_feature(backend, dtype, mask_kind, nseg):
+    """One query row (KV-cache decoding; the torch path computes it explicitly): gates,
+    reweighting, the rule and masses over GQA heads, with key or full masks."""
+    B, Hq, Hkv, Sk = 3, 8, 2, 29
+    q, k, v = _qkv(B, Hq, Hkv, 1, Sk, 24, dtype, seed=11 + nseg)
+    keys = torch.ones(B, Sk, dtype=torch.bool)
+    keys[0, :5] = False  # left padding
+    keys[2, 10:13] = False
+    mask = {"none": None, "keys": keys, "full": keys[:, None, None, :]}[mask_kind]
+    starts = torch.tensor([[0, 9, 20][:nseg], [0, 4, 11][:nseg], [0, 15, 16][:nseg]])
+    scale = torch.rand(Hq, nseg, generator=torch.Generator().manual_seed(3)) + 0.3
+    gate = torch.rand(B, Hq, generator=torch.Generator().manual_seed(4))
+    rule = AttentionRule(heads=(0, 3, 5, 6), segment=nseg - 1, threshold=0.2, scale=0.1, rows="last")
+    kw = dict(scaling=24**-0.5, causal=True, attention_mask=mask, head_gate=gate, segment_starts=starts,
+              segment_scale=scale, adaptive=rule, return_segment_mass=True)
+    out = masked_attention(q, k, v, **kw)
+    ref_kw = dict(kw, attention_mask=None if mask is None else keys[:, None, None, :])  # the reference takes 4-D
+    if dtype == torch.float32:
+        _check(out, q, k, v, ref_kw, dtype)
+    else:  # away from the rule's threshold, within low-precision error
+        ref, mass = reference.masked_attention(q, k, v, compute_dtype=torch.float64, **ref_kw)
+        clear = ((mass[..., nseg - 1] - 0.2).abs() > 0.02).transpose(1, 2)[..., None]
+        assert ((out[0].double() - ref).abs() * clear).max() < 3e-2
+        assert (out[1].double() - mass).abs().max() < 2e-2
