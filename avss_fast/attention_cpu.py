@@ -47,6 +47,16 @@ def _sdpa_mask(B, Sq, Sk, causal, key_mask, full_mask, device):
     return m, False
 
 
+def _in_segment(segment_starts: torch.Tensor, s: int, Sk: int) -> torch.Tensor:
+    """[B, Sk] bool: key j is in segment s (keys before the first start count as segment 0)."""
+    pos = torch.arange(Sk, device=segment_starts.device)[None, :]
+    S = segment_starts.shape[1]
+    inside = pos < segment_starts[:, s + 1 : s + 2] if s + 1 < S else torch.ones_like(pos, dtype=torch.bool)
+    if s > 0:
+        inside = inside & (pos >= segment_starts[:, s : s + 1])
+    return inside
+
+
 def _one_row(q, k, v, *, scaling, key_mask, full_mask, head_gate, segment_starts, segment_scale,
              rule_heads, rule_segment, threshold, rule_scale, return_segment_mass):
     """Sq == 1 (the row sees every allowed key): explicit scores and softmax in fp32 (or fp64
@@ -71,16 +81,17 @@ def _one_row(q, k, v, *, scaling, key_mask, full_mask, head_gate, segment_starts
         p = torch.nan_to_num(p, nan=0.0)  # a row with no allowed key
     w, mass = p, None
     if segment_starts is not None:
-        seg = segment_ids(segment_starts.to(torch.long), Sk)  # [B, Sk]
-        if return_segment_mass:
-            mass = p @ F.one_hot(seg, segment_starts.shape[1]).to(cd)  # [B, Hq, S]
         factor = None
-        if segment_scale is not None:
-            factor = torch.gather(segment_scale.to(cd), 2, seg[:, None, :].expand(B, Hq, Sk))
+        if segment_scale is not None or return_segment_mass:
+            seg = segment_ids(segment_starts.to(torch.long), Sk)  # [B, Sk]
+            if return_segment_mass:
+                mass = p @ F.one_hot(seg, segment_starts.shape[1]).to(cd)  # [B, Hq, S]
+            if segment_scale is not None:
+                factor = torch.gather(segment_scale.to(cd), 2, seg[:, None, :].expand(B, Hq, Sk))
         if rule_heads is not None:
-            in_seg = (seg == rule_segment)[:, None, :]  # [B, 1, Sk]
-            fire = ((p * in_seg).sum(-1) >= threshold) & (rule_heads != 0)[None, :]  # [B, Hq]
-            a = torch.where(fire[..., None] & in_seg, rule_scale, 1.0).to(cd)
+            in_seg = _in_segment(segment_starts, rule_segment, Sk).to(cd)[:, None, :]  # [B, 1, Sk]
+            fire = ((p * in_seg).sum(-1) >= threshold) & (rule_heads != 0)  # [B, Hq]
+            a = 1.0 + torch.where(fire, rule_scale - 1.0, 0.0).to(cd)[..., None] * in_seg  # [B, Hq, Sk]
             factor = a if factor is None else factor * a
         if factor is not None:
             w = p * factor
@@ -142,7 +153,8 @@ def masked_attention_torch(
     o = F.scaled_dot_product_attention(
         q_ext, k_ext, v_ext, attn_mask=attn_mask, is_causal=is_causal, scale=scaling, **gqa
     )
-    o = torch.nan_to_num(o, nan=0.0)  # rows with no allowed key
+    if attn_mask is not None:
+        o.nan_to_num_(nan=0.0)  # rows with no allowed key (o is ours: updated in place)
     out = o[..., :D]
     mass = None
     col = D
@@ -153,29 +165,26 @@ def masked_attention_torch(
     if return_segment_mass or adaptive_all:
         mass = o[..., col : col + S].float()
     if rule_heads is not None:
-        heads_on = (rule_heads != 0)[None, :, None]  # [1, Hq, 1]
         if last_row_only:
-            # explicit last query row: O(Sk) per head
-            q_last = q[:, :, -1:, :].float()
-            k_full = (kk if kk.shape[1] == Hq else k.repeat_interleave(G, dim=1)).float()
-            v_full = (vv if vv.shape[1] == Hq else v.repeat_interleave(G, dim=1)).float()
-            s = (q_last @ k_full.transpose(-1, -2)) * scaling  # [B, Hq, 1, Sk]
+            # the last query row again, explicitly: O(Sk) per head, GQA by reshaping
+            Hk = vv.shape[1]  # Hkv, or Hq when segment factors were folded in per head
+            kr = kk if kk.shape[1] == Hk else k
+            s = (q[:, :, -1:, :].reshape(B, Hk, Hq // Hk, D).float() @ kr.float().transpose(-1, -2)) * scaling
+            s = s.reshape(B, Hq, Sk)
             if attn_mask is not None:  # without one, the last row sees every key
-                s = s.masked_fill(~attn_mask[:, :, -1:, :], float("-inf"))
+                s = s.masked_fill(~attn_mask[:, :, -1, :], float("-inf"))
             p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
-            in_seg = (seg == rule_segment)[:, None, None, :]
-            p_seg = torch.where(in_seg, p, torch.zeros((), device=dev))
-            mass_last = p_seg.sum(-1)  # [B, Hq, 1]
-            acc_last = p_seg @ v_full  # [B, Hq, 1, D]
-            fire = (mass_last >= threshold) & heads_on
-            corr = torch.where(fire[..., None], (1.0 - rule_scale) * acc_last, torch.zeros((), device=dev))
-            out = out.clone()
-            out[:, :, -1:, :] = (out[:, :, -1:, :].float() - corr).to(dt)
+            in_seg = (seg == rule_segment)[:, None, :]  # [B, 1, Sk]
+            p_seg = p * in_seg
+            fire = (p_seg.sum(-1) >= threshold) & (rule_heads != 0)[None, :]  # [B, Hq]
+            acc_last = (p_seg.reshape(B, Hk, Hq // Hk, Sk) @ vv.float()).reshape(B, Hq, D)
+            corr = torch.where(fire[..., None], (1.0 - rule_scale) * acc_last, 0.0)
+            out[:, :, -1, :] -= corr.to(dt)
         else:
-            fire = (mass[..., rule_segment] >= threshold) & heads_on  # [B, Hq, Sq]
-            out = out - torch.where(fire[..., None], (1.0 - rule_scale) * acc_seg, torch.zeros((), dtype=dt, device=dev))
+            fire = (mass[..., rule_segment] >= threshold) & (rule_heads != 0)[None, :, None]  # [B, Hq, Sq]
+            out -= torch.where(fire[..., None], (1.0 - rule_scale) * acc_seg, torch.zeros((), dtype=dt, device=dev))
     if head_gate is not None:
-        out = out * head_gate.to(dt)[:, :, None, None]
+        out *= head_gate.to(dt)[:, :, None, None]
     out = out.transpose(1, 2).contiguous()
     if return_segment_mass:
         return out, mass.contiguous()

@@ -44,7 +44,21 @@ RESULTS: dict[str, dict[str, dict]] = {}
 RATIOS = {
     "ops": ("reference", "fused", "reference / fused (speed-up)", 8.0, "min"),
     "scoring": ("score_layers", "plain_forward", "score_layers / plain forward (overhead)", 1.15, "max"),
+    "attention": ("adaptive", "sdpa", "adaptive masked_attention / plain SDPA (time)", 1.5, "max"),
+    "attention-eager": ("eager", "adaptive", "eager materialised / adaptive (speed-up)", 3.0, "min"),
+    "generate": ("adaptive", "plain", "generate with ADHH / plain generate (time; 1/x = tokens/s ratio)", 1.25, "max"),
+    "pruning": ("pruned", "original", "pruned / original forward (time)", 0.8, "max"),
 }
+
+#: group -> role -> peak extra memory in MiB (measured in a fresh process, see bench/peak_memory.py)
+MEMORY: dict[str, dict[str, float]] = {}
+
+#: (numerator role, denominator role, target max ratio) for the memory groups
+MEMORY_RATIO = ("adaptive", "sdpa", 1.10)
+
+
+def record_memory(group: str, role: str, mib: float) -> None:
+    MEMORY.setdefault(group, {})[role] = mib
 
 
 @pytest.fixture
@@ -123,9 +137,23 @@ def summary_rows() -> list[dict]:
     return rows
 
 
+def memory_rows() -> list[dict]:
+    num, den, target = MEMORY_RATIO
+    rows = []
+    for group, g in MEMORY.items():
+        row = dict(group=group, **{f"{role}_MiB": round(v, 1) for role, v in g.items()})
+        if num in g and den in g and g[den] > 0:
+            row["ratio"] = round(g[num] / g[den], 3)
+            row["target"] = f"<= {target:g}"
+            row["meets_target"] = g[num] / g[den] <= target
+        rows.append(row)
+    return rows
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     rows = summary_rows()
-    if not rows:
+    mem = memory_rows()
+    if not rows and not mem:
         return
     tr = terminalreporter
     tr.section("avss_fast benchmark ratios")
@@ -136,8 +164,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             f"{r['group']:<28} {r['ratio']}: mean {r['mean_ratio']:.2f}x  min {r['min_ratio']:.2f}x  "
             f"target {r['target']} -> {'OK' if r['meets_target'] else 'MISSED'}  {extra}"
         )
+    if mem:
+        tr.write_line("peak extra memory (fresh process per entry, MiB):")
+        for r in mem:
+            extra = "  ".join(f"{k}={v}" for k, v in r.items() if k.endswith("_MiB"))
+            verdict = ""
+            if "ratio" in r:
+                verdict = f"  {MEMORY_RATIO[0]}/{MEMORY_RATIO[1]} {r['ratio']:.2f}x target {r['target']} -> " + (
+                    "OK" if r["meets_target"] else "MISSED")
+            tr.write_line(f"{r['group']:<28} {extra}{verdict}")
     path = os.environ.get("AVSS_BENCH_SUMMARY")
     if path:
         with open(path, "w") as fh:
-            json.dump(dict(threads=torch.get_num_threads(), rows=rows), fh, indent=2)
+            json.dump(dict(threads=torch.get_num_threads(), rows=rows, memory=mem), fh, indent=2)
         tr.write_line(f"summary written to {path}")
