@@ -1,6 +1,7 @@
 """avss_fast: fused kernels for layer statistics (AVSS, EAVSS, Block Influence), layer
 pruning and attention-head interventions in large language models."""
 
+from .attribution import attribute_heads, estimate_head_effects, rank_heads
 from .demo import demo_model_path, demo_texts
 from .heads import AdaptiveRule, HeadIntervention, intervene
 from .ops import block_similarity, layer_moments
@@ -12,5 +13,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Moments", "Similarity", "layer_moments", "block_similarity",
     "LayerScorer", "LayerReport", "score_layers", "demo_model_path", "demo_texts",
-    "HeadIntervention", "AdaptiveRule", "intervene", "__version__",
+    "HeadIntervention", "AdaptiveRule", "intervene", "attribute_heads", "estimate_head_effects", "rank_heads",
+    "__version__",
 ]

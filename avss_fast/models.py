@@ -355,3 +355,28 @@ def is_encoder(model: nn.Module) -> bool:
     if getattr(config, "is_decoder", False):
         return False
     return getattr(config, "model_type", None) in ENCODER_MODEL_TYPES
+
+
+#: Where a block keeps the linear map that mixes the heads' outputs (its input is the
+#: concatenation of every head's output, head h at columns h*D:(h+1)*D).
+ATTENTION_OUTPUT_PATHS = (
+    "self_attn.o_proj",  # Llama, Mistral, Qwen2/3, Gemma, Phi-3
+    "self_attn.out_proj",  # OPT
+    "attn.c_proj",  # GPT-2
+    "attention.dense",  # GPT-NeoX
+    "attention.output.dense",  # BERT, RoBERTa
+    "attention.out_lin",  # DistilBERT
+)
+
+
+def attention_output_projection(block: nn.Module) -> nn.Module:
+    """The attention output projection of one block (see :data:`ATTENTION_OUTPUT_PATHS`)."""
+    for path in ATTENTION_OUTPUT_PATHS:
+        try:
+            return resolve_module(block, path)
+        except (AttributeError, ValueError, KeyError, IndexError):
+            continue
+    raise ValueError(
+        f"cannot find the attention output projection of {type(block).__name__} "
+        f"(tried {', '.join(ATTENTION_OUTPUT_PATHS)})"
+    )
