@@ -288,8 +288,8 @@ def estimate_head_effects(
 
 def rank_heads(effects: torch.Tensor, hallucinated: Sequence[bool], *, top_k: int = 20) -> dict:
     """Contrast of two event sets: ``score[l, h] = mean over hallucinated events of effect
-    - mean over correct events``. Returns ``{"hal_heads": top_k pairs, highest score first,
-    "non_hal_heads": top_k pairs, lowest first, "scores": [[L x H]], "events": counts}``,
+    - mean over correct events``. Returns ``{"hal_heads": up to top_k pairs with score > 0,
+    highest first, "non_hal_heads": up to top_k pairs with score < 0, lowest first, "scores": [[L x H]], "events": counts}``,
     the format ``avss-fast generate --heads-from`` reads."""
     eff = torch.as_tensor(effects, dtype=torch.float64)
     labels = torch.as_tensor(list(hallucinated), dtype=torch.bool)
@@ -304,9 +304,10 @@ def rank_heads(effects: torch.Tensor, hallucinated: Sequence[bool], *, top_k: in
     order = torch.argsort(scores.flatten(), descending=True, stable=True).tolist()
     k = min(top_k, L * H)
     pairs = [[i // H, i % H] for i in order]
+    flat = scores.flatten()
     return {
-        "hal_heads": pairs[:k],
-        "non_hal_heads": pairs[::-1][:k],
+        "hal_heads": [p for p, i in zip(pairs, order) if flat[i] > 0][:k],
+        "non_hal_heads": [p for p, i in zip(pairs[::-1], order[::-1]) if flat[i] < 0][:k],
         "scores": scores.tolist(),
         "events": {"hallucinated": n_hal, "correct": n_ok},
     }

@@ -496,3 +496,38 @@ def read_json(path) -> dict:
     """Read a JSON file (e.g. one written by :func:`write_json`) into a dict."""
     with pathlib.Path(path).open("r", encoding="utf-8") as f:
         return json.load(f)
+
+
+def plot_head_heatmap(scores, path, *, title: str = "head scores", label: str = "score") -> pathlib.Path:
+    """Save a layer x head heatmap of ``scores`` ([L][H] nested lists or a 2-D tensor):
+    rows are layers (0 at the top), columns query heads; a diverging colour map centred on
+    0 when the scores take both signs."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    rows = [[_as_float(x) for x in row] for row in (scores.tolist() if hasattr(scores, "tolist") else scores)]
+    if not rows or not rows[0]:
+        raise ValueError("plot_head_heatmap: no scores to plot")
+    L, H = len(rows), len(rows[0])
+    p = pathlib.Path(path)
+    p = _prepare(p if p.suffix else p.with_suffix(".png"))
+    finite = [x for row in rows for x in row if math.isfinite(x)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    kw = {"cmap": "viridis"}
+    if lo < 0 < hi:
+        m = max(-lo, hi)
+        kw = {"cmap": "RdBu_r", "vmin": -m, "vmax": m}
+    fig, ax = plt.subplots(figsize=(min(16.0, 2.0 + 0.45 * H), min(14.0, 1.5 + 0.4 * L)))
+    im = ax.imshow(rows, aspect="auto", interpolation="nearest", **kw)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(H))
+    ax.set_yticks(range(L))
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label=label)
+    fig.tight_layout()
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p

