@@ -1,10 +1,11 @@
 """avss_fast: fused kernels for layer statistics (AVSS, EAVSS, Block Influence), layer
 pruning and attention-head interventions in large language models."""
 
+from .heads import AdaptiveRule, HeadIntervention, intervene  # noqa: I001 (heads before attribution)
 from .attribution import attribute_heads, estimate_head_effects, rank_heads
 from .demo import demo_model_path, demo_texts
-from .heads import AdaptiveRule, HeadIntervention, intervene
 from .ops import block_similarity, layer_moments
+from .pruning import evaluate_retention, prune_layers, select_layers
 from .scoring import LayerReport, LayerScorer, score_layers
 from .stats import Moments, Similarity
 
@@ -14,5 +15,6 @@ __all__ = [
     "Moments", "Similarity", "layer_moments", "block_similarity",
     "LayerScorer", "LayerReport", "score_layers", "demo_model_path", "demo_texts",
     "HeadIntervention", "AdaptiveRule", "intervene", "attribute_heads", "estimate_head_effects", "rank_heads",
+    "select_layers", "prune_layers", "evaluate_retention",
     "__version__",
 ]

@@ -1,4 +1,4 @@
-"""The ``avss-fast`` command.
+"""avss-fast: score layers (AVSS, Block Influence), prune them, find and switch off attention heads.
 
 ``avss-fast score`` scores every layer of a model (by default the bundled pretrained
 MiniLM on the built-in English corpus), prints a ranked table and writes
@@ -144,10 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_score)
-    from . import cli_generate, cli_heads
+    from . import cli_generate, cli_heads, cli_prune
 
-    cli_generate.register(sub)
+    cli_prune.register(sub)
     cli_heads.register(sub)
+    cli_generate.register(sub)
     return p
 
 

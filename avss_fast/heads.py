@@ -447,3 +447,7 @@ def intervene(model: nn.Module, intervention: HeadIntervention | None = None, *,
             _ACTIVE.pop(k, None)
         for cfg, impl in saved:
             cfg._attn_implementation_internal = impl
+
+
+# attribution builds on intervene; ARCHITECTURE.md places attribute_heads here
+from .attribution import attribute_heads  # noqa: E402,F401

@@ -48,6 +48,7 @@ RATIOS = {
     "attention-eager": ("eager", "adaptive", "eager materialised / adaptive (speed-up)", 3.0, "min"),
     "generate": ("adaptive", "plain", "generate with ADHH / plain generate (time; 1/x = tokens/s ratio)", 1.25, "max"),
     "pruning": ("pruned", "original", "pruned / original forward (time)", 0.8, "max"),
+    "attribution": ("loop", "batched", "one-head loop / batched attribute_heads (speed-up)", 4.0, "min"),
 }
 
 #: group -> role -> peak extra memory in MiB (measured in a fresh process, see bench/peak_memory.py)
