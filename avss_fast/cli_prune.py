@@ -47,7 +47,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=0.25, help="fraction of layers to prune, in (0, 1) (default 0.25)")
     p.add_argument("--metric", nargs="+", action="extend", choices=ALL_METRICS + ("all",), metavar="METRIC",
                    help="avss, block_influence, angular_distance, reverse, random or all (several allowed; "
-                        "the first is the one saved; default avss)")
+                        "the first is the one saved; default all: every strategy side by side, avss saved)")
     p.add_argument("--rule", choices=("lowest", "cumulative"), default="lowest",
                    help="lowest: the round(ratio * L) lowest-scoring layers; cumulative: the paper's "
                         "cumulative normalised score <= ratio (default lowest)")
@@ -76,7 +76,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def _metrics(args) -> list[str]:
-    given = args.metric or ["avss"]
+    given = args.metric or ["all"]
     out: list[str] = []
     for m in given:
         for name in (ALL_METRICS if m == "all" else (m,)):

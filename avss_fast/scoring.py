@@ -93,6 +93,7 @@ class LayerScorer:
         ops.check_sparsity_thresholds(self.sparsity_eps, self.sparsity_rel)  # now, not at the first batch
         self._handles: list = []
         self._mask: torch.Tensor | None = None
+        self._token_mask: torch.Tensor | None = None
         self._inputs: dict[int, torch.Tensor] = {}
         self.reset()
 
@@ -124,7 +125,34 @@ class LayerScorer:
 
     def _on_model_call(self, module, args, kwargs):
         self._mask = _mask_from_forward(args, kwargs)
+        tm = self._token_mask
+        if tm is not None:  # statistics only where the token mask (and the call's mask) is nonzero
+            if self._mask is not None and tuple(tm.shape) != tuple(self._mask.shape):
+                raise ValueError(
+                    f"token_mask {tuple(tm.shape)} does not match the model call's attention_mask "
+                    f"{tuple(self._mask.shape)}"
+                )
+            tm = tm.to(self._mask.device) if self._mask is not None else tm
+            self._mask = tm != 0 if self._mask is None else (tm != 0) & (self._mask != 0)
         self.batches += 1
+
+    @contextlib.contextmanager
+    def token_mask(self, mask: torch.Tensor):
+        """Count only the tokens where ``mask`` [batch, tokens] is nonzero (and the model
+        call's ``attention_mask`` too) in the statistics of the model calls made inside the
+        ``with`` block; the model itself still gets its ordinary ``attention_mask``.
+        E.g. answer tokens only, while the model attends to the prompt::
+
+            with scorer, scorer.token_mask(answer_mask):
+                model(input_ids=ids, attention_mask=attn)
+        """
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            raise ValueError(f"token_mask must be a [batch, tokens] tensor, got {getattr(mask, 'shape', type(mask))}")
+        previous, self._token_mask = self._token_mask, mask
+        try:
+            yield self
+        finally:
+            self._token_mask = previous
 
     def _block_mask(self, h: torch.Tensor) -> torch.Tensor | None:
         m = self._mask
