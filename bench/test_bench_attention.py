@@ -45,8 +45,8 @@ def test_attention_time(benchmark, use_backend, method, S):
     benchmark.extra_info["TFLOP/s"] = round(2 * 2 * 8 * 64 * S * S / 2 / benchmark.stats.stats.mean / 1e12, 4)
     if method in ("sdpa", "adaptive"):
         record(benchmark, f"attention-{S}", method, kind="attention")
-    if method in ("eager", "adaptive"):
-        record(benchmark, f"attention-eager-{S}", method, kind="attention-eager")
+    if method in ("eager", "adaptive"):  # the >= 3x target is the at 2048; other sizes are reported
+        record(benchmark, f"attention-eager-{S}", method, kind="attention-eager" if S == 2048 else "attention-eager-info")
 
 
 @pytest.mark.parametrize("S", SEQ_LENS)
