@@ -58,7 +58,8 @@ def _in_segment(segment_starts: torch.Tensor, s: int, Sk: int) -> torch.Tensor:
 
 
 def _one_row(q, k, v, *, scaling, key_mask, full_mask, head_gate, segment_starts, segment_scale,
-             rule_heads, rule_segment, threshold, rule_scale, return_segment_mass):
+             rule_heads, rule_segment, threshold, rule_scale, return_segment_mass, return_head_stats=False,
+             return_rule_fired=False):
     """Sq == 1 (the row sees every allowed key): explicit scores and softmax in fp32 (or fp64
     for fp64 inputs), ``p`` [B, Hq, Sk]; masses ``p @ onehot``; factors
     ``f[h, seg(j)] * (rule.scale where the rule fires and seg(j) = rule.segment)``;
@@ -79,7 +80,7 @@ def _one_row(q, k, v, *, scaling, key_mask, full_mask, head_gate, segment_starts
     p = torch.softmax(s, dim=-1)
     if allowed is not None:
         p = torch.nan_to_num(p, nan=0.0)  # a row with no allowed key
-    w, mass = p, None
+    w, mass, fire = p, None, None
     if segment_starts is not None:
         factor = None
         if segment_scale is not None or return_segment_mass:
@@ -99,23 +100,35 @@ def _one_row(q, k, v, *, scaling, key_mask, full_mask, head_gate, segment_starts
     if head_gate is not None:
         out = out * head_gate.to(cd)[..., None]
     out = out.to(q.dtype).reshape(B, 1, Hq, D)
+    stats = fired = None
+    if return_head_stats:
+        first = allowed.to(torch.int8).argmax(-1, keepdim=True).expand(B, Hq, 1) if allowed is not None else None
+        sink = p[..., :1] if first is None else torch.gather(p, -1, first)
+        stats = torch.stack([-torch.special.xlogy(p, p).sum(-1), s.amax(-1), sink[..., 0]], -1)
+        stats = stats.float().reshape(B, Hq, 1, 3)
+    if return_rule_fired:
+        fired = (fire if fire is not None else torch.zeros(B, Hq, dtype=torch.bool, device=q.device))
+        fired = fired.to(torch.int8).reshape(B, Hq, 1)
     if return_segment_mass:
-        return out, mass.float().reshape(B, Hq, 1, -1)
-    return out, None
+        mass = mass.float().reshape(B, Hq, 1, -1)
+    return out, mass, stats, fired
 
 
 def masked_attention_torch(
     q, k, v, *, scaling, causal, key_mask, full_mask, head_gate, segment_starts, segment_scale,
     rule_heads, rule_segment, threshold, rule_scale, last_row_only, return_segment_mass,
+    return_head_stats=False, return_rule_fired=False,
 ):
-    """Same contract as ``kernels.masked_attention.masked_attention_fwd``."""
+    """Same contract as ``kernels.masked_attention.masked_attention_fwd``: returns
+    ``(out, mass, stats, fired)``, the last three None unless requested."""
     B, Hq, Sq, D = q.shape
-    if Sq == 1 and (segment_starts is not None or head_gate is not None):
+    if Sq == 1 and (segment_starts is not None or head_gate is not None or return_head_stats):
         return _one_row(
             q, k, v, scaling=scaling, key_mask=key_mask, full_mask=full_mask, head_gate=head_gate,
             segment_starts=segment_starts, segment_scale=segment_scale, rule_heads=rule_heads,
             rule_segment=rule_segment, threshold=threshold, rule_scale=rule_scale,
-            return_segment_mass=return_segment_mass,
+            return_segment_mass=return_segment_mass, return_head_stats=return_head_stats,
+            return_rule_fired=return_rule_fired,
         )
     Hkv, Sk = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -137,6 +150,8 @@ def masked_attention_torch(
     if return_segment_mass or adaptive_all:
         onehot = F.one_hot(seg if seg is not None else torch.zeros(B, Sk, dtype=torch.long, device=dev), S)
         extra.append(onehot[:, None].to(dt).expand(B, vv.shape[1], Sk, S))
+    if return_head_stats:  # sum_j p_j k_j: with q, the softmax mean of the logits
+        extra.append(kk if kk.shape[1] == vv.shape[1] else k)
     if extra:
         v_ext = torch.cat([vv] + extra, dim=-1)
         width = v_ext.shape[-1]
@@ -144,15 +159,19 @@ def masked_attention_torch(
         k_ext = F.pad(kk, (0, width - D))
     else:
         v_ext, q_ext, k_ext = vv, q, kk
-    gqa = {}
-    if k_ext.shape[1] != Hq:
-        if _SDPA_GQA:
-            gqa = {"enable_gqa": True}
-        else:  # torch < 2.5: repeat k/v per query head
-            k_ext, v_ext = k_ext.repeat_interleave(G, dim=1), v_ext.repeat_interleave(G, dim=1)
-    o = F.scaled_dot_product_attention(
-        q_ext, k_ext, v_ext, attn_mask=attn_mask, is_causal=is_causal, scale=scaling, **gqa
-    )
+    lse = None
+    if return_head_stats:  # the CPU flash kernel also returns each row's log-sum-exp
+        o, lse = _sdpa_with_lse(q_ext, k_ext, v_ext, attn_mask, is_causal, scaling, G)
+    else:
+        gqa = {}
+        if k_ext.shape[1] != Hq:
+            if _SDPA_GQA:
+                gqa = {"enable_gqa": True}
+            else:  # torch < 2.5: repeat k/v per query head
+                k_ext, v_ext = k_ext.repeat_interleave(G, dim=1), v_ext.repeat_interleave(G, dim=1)
+        o = F.scaled_dot_product_attention(
+            q_ext, k_ext, v_ext, attn_mask=attn_mask, is_causal=is_causal, scale=scaling, **gqa
+        )
     if attn_mask is not None:
         o.nan_to_num_(nan=0.0)  # rows with no allowed key (o is ours: updated in place)
     out = o[..., :D]
@@ -164,6 +183,11 @@ def masked_attention_torch(
         col += D
     if return_segment_mass or adaptive_all:
         mass = o[..., col : col + S].float()
+        col += S
+    stats = None
+    if return_head_stats:
+        stats = _row_stats(q, k, o[..., col : col + D], lse, attn_mask, causal, scaling, key_mask, full_mask)
+    fired = None
     if rule_heads is not None:
         if last_row_only:
             # the last query row again, explicitly: O(Sk) per head, GQA by reshaping
@@ -180,12 +204,75 @@ def masked_attention_torch(
             acc_last = (p_seg.reshape(B, Hk, Hq // Hk, Sk) @ vv.float()).reshape(B, Hq, D)
             corr = torch.where(fire[..., None], (1.0 - rule_scale) * acc_last, 0.0)
             out[:, :, -1, :] -= corr.to(dt)
+            fired = torch.zeros(B, Hq, Sq, dtype=torch.int8, device=dev)
+            fired[:, :, -1] = fire.to(torch.int8)
         else:
             fire = (mass[..., rule_segment] >= threshold) & (rule_heads != 0)[None, :, None]  # [B, Hq, Sq]
             out -= torch.where(fire[..., None], (1.0 - rule_scale) * acc_seg, torch.zeros((), dtype=dt, device=dev))
+            fired = fire.to(torch.int8)
     if head_gate is not None:
         out *= head_gate.to(dt)[:, :, None, None]
     out = out.transpose(1, 2).contiguous()
-    if return_segment_mass:
-        return out, mass.contiguous()
-    return out, None
+    if return_rule_fired and fired is None:
+        fired = torch.zeros(B, Hq, Sq, dtype=torch.int8, device=dev)
+    return (out, mass.contiguous() if return_segment_mass else None, stats,
+            fired if return_rule_fired else None)
+
+
+def _sdpa_with_lse(q, k, v, attn_mask, is_causal, scaling, G):
+    """(out, logsumexp) from torch's CPU flash attention; k/v repeated to the query heads
+    (that kernel has no grouped-query mode), a bool mask turned into an additive one."""
+    if k.shape[1] != q.shape[1]:
+        k, v = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1), v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    mask = None
+    if attn_mask is not None:
+        mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~attn_mask, float("-inf"))
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, bool(is_causal), attn_mask=mask, scale=scaling
+    )
+    return o, lse
+
+
+#: keys per block when scanning for each row's largest logit (bounds the [B, H, Sq, block] scores)
+_MAX_LOGIT_ELEMENTS = 1 << 22
+
+
+def _row_stats(q, k, pk, lse, attn_mask, causal, scaling, key_mask, full_mask):
+    """[B, Hq, Sq, 3] = (entropy, max logit, sink mass) of every row, without an Sq x Sk
+    matrix: entropy = lse - E_p[s] with E_p[s] = scaling * q . sum_j p_j k_j (``pk``, from
+    the same SDPA call); the max logit from q k^T in key blocks; the sink mass
+    exp(s_j0 - lse) at the row's first allowed key j0."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    qf = q.float()
+    lse = lse.float()
+    has = torch.isfinite(lse)  # the flash kernel's lse of a row with no allowed key is not reliable:
+    if attn_mask is not None:  # decide from the mask
+        has = has & attn_mask.any(-1).expand(B, Hq, Sq)
+    mean_s = scaling * (qf * pk.float()).sum(-1)
+    entropy = torch.where(has, lse - mean_s, 0.0).clamp_min(0.0)
+    # largest logit, key block by key block (q grouped by kv head: k is never repeated)
+    qg = qf.reshape(B, Hkv, G * Sq, D)
+    block = max(64, _MAX_LOGIT_ELEMENTS // max(1, B * Hq * Sq))
+    rows = torch.arange(Sq, device=q.device)
+    best = torch.full((B, Hq, Sq), float("-inf"), device=q.device)
+    for j0 in range(0, Sk, block):
+        kb = k[:, :, j0 : j0 + block].float()
+        sb = (qg @ kb.transpose(-1, -2)).reshape(B, Hq, Sq, -1) * scaling
+        if attn_mask is not None:
+            sb = sb.masked_fill(~attn_mask[..., j0 : j0 + block], float("-inf"))
+        elif causal and Sq > 1:
+            cols = torch.arange(j0, j0 + sb.shape[-1], device=q.device)
+            sb = sb.masked_fill(cols[None, :] > rows[:, None] + (Sk - Sq), float("-inf"))
+        best = torch.maximum(best, sb.amax(-1))
+    # sink: the first allowed key of each row
+    if attn_mask is not None:
+        first = attn_mask.to(torch.int8).argmax(-1).expand(B, Hq, Sq)
+    else:
+        first = torch.zeros(B, Hq, Sq, dtype=torch.long, device=q.device)
+    b_idx = torch.arange(B, device=q.device)[:, None, None]
+    kv_idx = (torch.arange(Hq, device=q.device) // G)[None, :, None]
+    s_first = scaling * (qf * k[b_idx, kv_idx, first].float()).sum(-1)
+    sink = torch.where(has, torch.exp(s_first - torch.where(has, lse, 0.0)), 0.0)
+    return torch.stack([entropy, best, sink], -1)

@@ -261,6 +261,9 @@ class InterventionRun:
         self.num_layers = num_layers
         self.calls: Counter[int] = Counter()
         self._prepared: dict[tuple, ops.AttentionArgs] = {}
+        self.collector = None  # a HeadScorer, when one is collecting statistics
+        self._checked: dict[int, torch.Tensor] = {}  # layer -> [Hq] rows the rule checked (device)
+        self._fired: dict[int, torch.Tensor] = {}  # layer -> [Hq] rows it fired on (device)
 
     @staticmethod
     def _per_batch(t: torch.Tensor | None, B: int, what: str) -> torch.Tensor | None:
@@ -281,16 +284,57 @@ class InterventionRun:
         if args is None:
             plan = self.plans.get(layer)
             kw: dict[str, Any] = {}
+            wants = self.collector.stats if self.collector is not None else ()
             if plan is not None:
                 if plan.gate is not None:
                     kw["head_gate"] = self._per_batch(plan.gate, B, "per-sample gates")
                 if plan.scale is not None or plan.rule is not None:
-                    kw["segment_starts"] = self._per_batch(self.segment_starts, B, "segment_starts")
                     kw["segment_scale"] = plan.scale
                     kw["adaptive"] = plan.rule
+                    kw["return_rule_fired"] = plan.rule is not None
+            if "segment_mass" in wants or "segment_scale" in kw:
+                kw["segment_starts"] = self._per_batch(self.segment_starts, B, "segment_starts")
+            kw["return_segment_mass"] = "segment_mass" in wants
+            kw["return_head_stats"] = any(s in wants for s in ("entropy", "max_logit", "sink_mass"))
             args = ops.prepare_attention_args(B, Hq, device, **kw)
             self._prepared[key] = args
         return args
+
+    def after_call(self, layer: int, res: ops.AttentionOutputs, mask, B: int, Sq: int, Sk: int) -> None:
+        """Book-keeping after one attention call (device tensors only, no synchronisation):
+        the adaptive rule's checked/fired rows, and the collector's statistics."""
+        if res.fired is not None:
+            rule = self.plans[layer].rule
+            on = torch.zeros(res.fired.shape[1], dtype=torch.int64, device=res.fired.device)
+            on[list(rule.heads)] = 1
+            if rule.rows == "last":
+                rows = B
+            else:
+                from .head_stats import _valid_rows
+
+                valid = _valid_rows(mask, B, Sq, Sk)
+                rows = valid.sum() if valid is not None else B * Sq
+            self._checked[layer] = self._checked.get(layer, 0) + on * rows
+            self._fired[layer] = self._fired.get(layer, 0) + res.fired.sum((0, 2), dtype=torch.int64)
+        if self.collector is not None:
+            self.collector._collect(layer, res, mask, B, Sq, Sk)
+
+    def rule_report(self) -> dict[tuple[int, int], dict[str, int]]:
+        """Per (layer, head) of the adaptive rule: how many query rows it checked and how many
+        it fired on, over every call so far. A rule that never fired is visible here instead
+        of passing silently. Reads the counts from the device (one transfer)."""
+        rule = self.intervention.adaptive
+        if rule is None:
+            return {}
+        out = {}
+        for layer, head in rule.heads:
+            checked = self._checked.get(layer)
+            fired = self._fired.get(layer)
+            out[(layer, head)] = {
+                "checked": int(checked[head]) if checked is not None else 0,
+                "fired": int(fired[head]) if fired is not None else 0,
+            }
+        return out
 
 
 def avss_fast_attention(module: nn.Module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -332,11 +376,13 @@ def avss_fast_attention(module: nn.Module, query, key, value, attention_mask, sc
         args = run.attention_args(layer, B, Hq, query.device)
     else:
         args = _PLAIN
-    out = ops.masked_attention_prepared(
+    res = ops.masked_attention_prepared(
         query, key, value, args, scaling=float(scaling) if scaling is not None else D ** -0.5,
         causal=causal, attention_mask=mask,
     )
-    return out, None
+    if entry is not None:
+        run.after_call(layer, res, mask, B, Sq, key.shape[2])
+    return res.out, None
 
 
 _PLAIN = ops.AttentionArgs(None, None, None, None)

@@ -266,29 +266,37 @@ class AttentionRule(NamedTuple):
     rows: str = "last"
 
 
+#: the columns of ``masked_attention``'s per-row head statistics (``return_head_stats``)
+HEAD_STATS = ("entropy", "max_logit", "sink_mass")
+
+
 def _masked_attention_impl(
     q, k, v, key_mask, full_mask, head_gate, segment_starts, segment_scale, rule_heads,
-    scaling, causal, rule_segment, threshold, rule_scale, last_row_only, return_segment_mass, backend,
+    scaling, causal, rule_segment, threshold, rule_scale, last_row_only, return_segment_mass,
+    return_head_stats, return_rule_fired, backend,
 ):
     kw = dict(
         scaling=scaling, causal=causal, key_mask=key_mask, full_mask=full_mask, head_gate=head_gate,
         segment_starts=segment_starts, segment_scale=segment_scale, rule_heads=rule_heads,
         rule_segment=rule_segment, threshold=threshold, rule_scale=rule_scale,
         last_row_only=last_row_only, return_segment_mass=return_segment_mass,
+        return_head_stats=return_head_stats, return_rule_fired=return_rule_fired,
     )
     if backend == "triton":
         from .kernels.masked_attention import masked_attention_fwd
 
-        out, mass = masked_attention_fwd(q, k, v, **kw)
+        res = masked_attention_fwd(q, k, v, **kw)
     elif backend == "reference":
-        out, mass = _masked_attention_reference(q, k, v, **kw)
+        res = _masked_attention_reference(q, k, v, **kw)
     else:
         from .attention_cpu import masked_attention_torch
 
-        out, mass = masked_attention_torch(q, k, v, **kw)
-    if mass is None:
-        mass = torch.empty((0,), dtype=torch.float32, device=q.device)
-    return out, mass
+        res = masked_attention_torch(q, k, v, **kw)
+    out, rest = res[0], list(res[1:]) + [None] * (4 - len(res))
+    empty = lambda dt: torch.empty((0,), dtype=dt, device=q.device)  # noqa: E731
+    mass, stats, fired = (x if x is not None else empty(dt) for x, dt in zip(
+        rest, (torch.float32, torch.float32, torch.int8)))
+    return out, mass, stats, fired
 
 
 @torch.library.custom_op("avss_fast::masked_attention", mutates_args=())
@@ -297,27 +305,33 @@ def _masked_attention_op(
     key_mask: torch.Tensor | None, full_mask: torch.Tensor | None, head_gate: torch.Tensor | None,
     segment_starts: torch.Tensor | None, segment_scale: torch.Tensor | None, rule_heads: torch.Tensor | None,
     scaling: float, causal: bool, rule_segment: int, threshold: float, rule_scale: float,
-    last_row_only: bool, return_segment_mass: bool, backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    last_row_only: bool, return_segment_mass: bool, return_head_stats: bool, return_rule_fired: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _masked_attention_impl(
         q, k, v, key_mask, full_mask, head_gate, segment_starts, segment_scale, rule_heads,
-        scaling, causal, rule_segment, threshold, rule_scale, last_row_only, return_segment_mass, backend,
+        scaling, causal, rule_segment, threshold, rule_scale, last_row_only, return_segment_mass,
+        return_head_stats, return_rule_fired, backend,
     )
 
 
 @_masked_attention_op.register_fake
 def _(q, k, v, key_mask, full_mask, head_gate, segment_starts, segment_scale, rule_heads, scaling, causal,
-      rule_segment, threshold, rule_scale, last_row_only, return_segment_mass, backend):
+      rule_segment, threshold, rule_scale, last_row_only, return_segment_mass, return_head_stats,
+      return_rule_fired, backend):
     B, Hq, Sq, D = q.shape
     S = segment_starts.shape[1] if segment_starts is not None else 1
     out = q.new_empty((B, Sq, Hq, D))
-    mass = q.new_empty((B, Hq, Sq, S), dtype=torch.float32) if return_segment_mass else q.new_empty((0,), dtype=torch.float32)
-    return out, mass
+    f32 = dict(dtype=torch.float32)
+    mass = q.new_empty((B, Hq, Sq, S), **f32) if return_segment_mass else q.new_empty((0,), **f32)
+    stats = q.new_empty((B, Hq, Sq, len(HEAD_STATS)), **f32) if return_head_stats else q.new_empty((0,), **f32)
+    fired = q.new_empty((B, Hq, Sq), dtype=torch.int8) if return_rule_fired else q.new_empty((0,), dtype=torch.int8)
+    return out, mass, stats, fired
 
 
 def _masked_attention_reference(q, k, v, *, scaling, causal, key_mask, full_mask, head_gate, segment_starts,
                                 segment_scale, rule_heads, rule_segment, threshold, rule_scale, last_row_only,
-                                return_segment_mass):
+                                return_segment_mass, return_head_stats=False, return_rule_fired=False):
     mask = None
     if full_mask is not None:
         mask = full_mask.to(torch.bool)
@@ -328,12 +342,12 @@ def _masked_attention_reference(q, k, v, *, scaling, causal, key_mask, full_mask
     if rule_heads is not None:
         heads = tuple(int(h) for h in torch.nonzero(rule_heads).flatten())
         rule = AttentionRule(heads, rule_segment, threshold, rule_scale, "last" if last_row_only else "all")
-    res = reference.masked_attention(
+    res = reference.masked_attention_outputs(
         q, k, v, scaling=scaling, causal=causal, attention_mask=mask, head_gate=head_gate,
         segment_starts=segment_starts, segment_scale=segment_scale, adaptive=rule,
-        return_segment_mass=return_segment_mass,
     )
-    return res if return_segment_mass else (res, None)
+    return (res["out"], res["mass"] if return_segment_mass else None, res["stats"] if return_head_stats else None,
+            res["fired"] if return_rule_fired else None)
 
 
 class AttentionArgs(NamedTuple):
@@ -349,11 +363,14 @@ class AttentionArgs(NamedTuple):
     rule_scale: float = 1.0
     last_row_only: bool = True
     return_segment_mass: bool = False
+    return_head_stats: bool = False
+    return_rule_fired: bool = False
 
 
 def prepare_attention_args(
     B: int, Hq: int, device, *, head_gate=None, segment_starts=None, segment_scale=None,
-    adaptive: AttentionRule | None = None, return_segment_mass: bool = False,
+    adaptive: AttentionRule | None = None, return_segment_mass: bool = False, return_head_stats: bool = False,
+    return_rule_fired: bool = False,
 ) -> AttentionArgs:
     """Validate and place the small arguments of ``masked_attention`` for a batch of ``B``
     rows and ``Hq`` query heads. A caller that runs many calls with the same arguments
@@ -418,7 +435,8 @@ def prepare_attention_args(
     if return_segment_mass and starts is None:
         starts = torch.zeros((B, 1), dtype=torch.int32, device=dev)
     return AttentionArgs(gate, starts, scale, rule_heads, rule_segment, threshold, rule_scale, last_row_only,
-                         bool(return_segment_mass))
+                         bool(return_segment_mass), bool(return_head_stats),
+                         bool(return_rule_fired and rule_heads is not None))
 
 
 def _check_qkv(q, k, v) -> None:
@@ -458,8 +476,17 @@ def _mask_args(attention_mask, B, Hq, Sq, Sk, dev):
     raise ValueError(f"attention_mask must be [B, Sk] or [B, 1|Hq, Sq, Sk], got {tuple(m.shape)}")
 
 
+class AttentionOutputs(NamedTuple):
+    """Everything one ``masked_attention`` call computed; fields not requested are None."""
+
+    out: torch.Tensor  # [B, Sq, Hq, D]
+    mass: torch.Tensor | None  # [B, Hq, Sq, S] float32
+    stats: torch.Tensor | None  # [B, Hq, Sq, 3] float32: HEAD_STATS
+    fired: torch.Tensor | None  # [B, Hq, Sq] int8: where the adaptive rule fired
+
+
 def masked_attention_prepared(q, k, v, args: AttentionArgs, *, scaling: float, causal: bool = True,
-                              attention_mask=None):
+                              attention_mask=None) -> AttentionOutputs:
     """``masked_attention`` with arguments from :func:`prepare_attention_args` (checked once).
     Under ``torch.compile`` it goes through the registered custom op; in eager mode it calls
     the implementation directly (the custom-op dispatch costs tens of microseconds a call,
@@ -469,12 +496,13 @@ def masked_attention_prepared(q, k, v, args: AttentionArgs, *, scaling: float, c
     Sk = k.shape[2]
     key_mask, full_mask = _mask_args(attention_mask, B, Hq, Sq, Sk, q.device)
     call = _masked_attention_op if torch.compiler.is_compiling() else _masked_attention_impl
-    out, mass = call(
+    out, mass, stats, fired = call(
         q, k, v, key_mask, full_mask, args.head_gate, args.segment_starts, args.segment_scale, args.rule_heads,
         float(scaling), bool(causal), args.rule_segment, args.threshold, args.rule_scale, args.last_row_only,
-        args.return_segment_mass, backend_for(q),
+        args.return_segment_mass, args.return_head_stats, args.return_rule_fired, backend_for(q),
     )
-    return (out, mass) if args.return_segment_mass else out
+    return AttentionOutputs(out, mass if args.return_segment_mass else None,
+                            stats if args.return_head_stats else None, fired if args.return_rule_fired else None)
 
 
 def masked_attention(
@@ -490,6 +518,7 @@ def masked_attention(
     segment_scale: torch.Tensor | None = None,
     adaptive: AttentionRule | None = None,
     return_segment_mass: bool = False,
+    return_head_stats: bool = False,
 ):
     """Attention forward with head gates, segment reweighting and the adaptive rule, in one
     pass and O(S) memory. ``q`` [B, Hq, Sq, D], ``k``/``v`` [B, Hkv, Sk, D] (Hq a multiple of
@@ -507,10 +536,20 @@ def masked_attention(
     integer masks are read as nonzero = attend. ``head_gate``: [Hq] or [B, Hq].
     ``segment_starts``: [S] or [B, S] key positions where each segment begins (the last runs
     to the end), at most 4 segments. ``segment_scale``: [Hq, S] or [B, Hq, S].
+
+    ``return_head_stats``: return ``(out, mass or None, stats)`` with ``stats`` [B, Hq, Sq, 3]
+    float32, from the plain softmax over the row's allowed keys (:data:`HEAD_STATS`):
+    entropy ``-sum_j p_j ln p_j`` (nats), max logit ``max_j scaling q_i . k_j``, and sink
+    mass ``p_j0`` at the row's first allowed key j0. A row with no allowed key gives
+    (0, -inf, 0).
     """
     _check_qkv(q, k, v)
     args = prepare_attention_args(
         q.shape[0], q.shape[1], q.device, head_gate=head_gate, segment_starts=segment_starts,
         segment_scale=segment_scale, adaptive=adaptive, return_segment_mass=return_segment_mass,
+        return_head_stats=return_head_stats,
     )
-    return masked_attention_prepared(q, k, v, args, scaling=scaling, causal=causal, attention_mask=attention_mask)
+    res = masked_attention_prepared(q, k, v, args, scaling=scaling, causal=causal, attention_mask=attention_mask)
+    if return_head_stats:
+        return res.out, res.mass, res.stats
+    return (res.out, res.mass) if return_segment_mass else res.out

@@ -124,7 +124,7 @@ def segment_ids(segment_starts: torch.Tensor, Sk: int) -> torch.Tensor:
     return ids.clamp(min=0)
 
 
-def masked_attention(
+def masked_attention_outputs(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -136,9 +136,8 @@ def masked_attention(
     segment_starts: torch.Tensor | None = None,
     segment_scale: torch.Tensor | None = None,
     adaptive=None,
-    return_segment_mass: bool = False,
     compute_dtype: torch.dtype = torch.float32,
-):
+) -> dict:
     """Reference ``masked_attention``: materialises the [B, Hq, Sq, Sk] probabilities.
 
     ``p = softmax(q k^T * scaling)`` over allowed keys (causal bottom-right: query row i
@@ -148,6 +147,10 @@ def masked_attention(
     the adaptive rule's heads and rows, by ``adaptive.scale`` more when
     ``mass[adaptive.segment] >= adaptive.threshold`` and s is that segment. No
     renormalisation. ``out = (sum_j p'_j v_j) * head_gate[h]``, returned as [B, Sq, Hq, D].
+
+    Returns a dict: ``out``; ``mass`` [B, Hq, Sq, S] (S = 1 without segments); ``stats``
+    [B, Hq, Sq, 3] = (entropy ``-sum p ln p``, max logit, p at the row's first allowed key);
+    ``fired`` [B, Hq, Sq] int8 (where the adaptive rule fired).
     """
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -162,16 +165,24 @@ def masked_attention(
         allowed = allowed & (j <= i + (Sk - Sq))
     if attention_mask is not None:
         allowed = allowed & attention_mask.to(torch.bool)
+    allowed = allowed.expand(B, Hq, Sq, Sk)
     s = s.masked_fill(~allowed, float("-inf"))
     p = torch.softmax(s, dim=-1)
     p = torch.nan_to_num(p, nan=0.0)  # rows with no allowed key
+    any_key = allowed.any(-1)
+    entropy = -torch.special.xlogy(p, p).sum(-1)
+    max_logit = s.amax(-1)
+    first = allowed.to(torch.int8).argmax(-1, keepdim=True)  # first allowed key (0 when none)
+    sink = torch.where(any_key, torch.gather(p, -1, first)[..., 0], torch.zeros((), dtype=cd, device=q.device))
+    stats = torch.stack([entropy, max_logit, sink], -1).to(torch.float32)
     weights = p
-    mass = None
+    fired = torch.zeros(B, Hq, Sq, dtype=torch.bool, device=q.device)
+    S = segment_starts.shape[1] if segment_starts is not None else 1
+    seg = segment_ids(segment_starts, Sk) if segment_starts is not None else torch.zeros(
+        B, Sk, dtype=torch.long, device=q.device)
+    onehot = torch.nn.functional.one_hot(seg, S).to(cd)  # [B, Sk, S]
+    mass = p @ onehot[:, None]  # [B, Hq, Sq, S]
     if segment_starts is not None:
-        seg = segment_ids(segment_starts, Sk)  # [B, Sk]
-        S = segment_starts.shape[1]
-        onehot = torch.nn.functional.one_hot(seg, S).to(cd)  # [B, Sk, S]
-        mass = p @ onehot[:, None]  # [B, Hq, Sq, S]
         factor = torch.ones_like(p)
         if segment_scale is not None:
             sc = segment_scale.to(cd)
@@ -196,9 +207,35 @@ def masked_attention(
         g = head_gate.to(cd)
         g = g[None, :] if g.dim() == 1 else g
         out = out * g[:, :, None, None]
-    out = out.transpose(1, 2).to(q.dtype)
-    if return_segment_mass:
-        if mass is None:
-            raise ValueError("return_segment_mass needs segment_starts")
-        return out, mass.to(torch.float32)
-    return out
+    return {
+        "out": out.transpose(1, 2).to(q.dtype),
+        "mass": mass.to(torch.float32),
+        "stats": stats,
+        "fired": fired.to(torch.int8),
+    }
+
+
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scaling: float,
+    causal: bool = True,
+    attention_mask: torch.Tensor | None = None,
+    head_gate: torch.Tensor | None = None,
+    segment_starts: torch.Tensor | None = None,
+    segment_scale: torch.Tensor | None = None,
+    adaptive=None,
+    return_segment_mass: bool = False,
+    compute_dtype: torch.dtype = torch.float32,
+):
+    """Reference ``masked_attention`` (see :func:`masked_attention_outputs`): ``out``, and
+    with ``return_segment_mass`` also the per-segment mass."""
+    if return_segment_mass and segment_starts is None:
+        raise ValueError("return_segment_mass needs segment_starts")
+    res = masked_attention_outputs(
+        q, k, v, scaling=scaling, causal=causal, attention_mask=attention_mask, head_gate=head_gate,
+        segment_starts=segment_starts, segment_scale=segment_scale, adaptive=adaptive, compute_dtype=compute_dtype,
+    )
+    return (res["out"], res["mass"]) if return_segment_mass else res["out"]

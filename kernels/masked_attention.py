@@ -16,6 +16,17 @@ total one and combined in the epilogue. Segment masses are running sums rescaled
 
 Segments: ``seg(j)`` is the last segment whose start is <= j (keys before the first start
 belong to segment 0); starts are per batch row.
+
+Optional per-(row, head) statistics of the plain softmax p (same pass, O(S) memory):
+
+    entropy   H = -sum_j p_j ln p_j = ln l - ln 2 * t / l,   t = sum_j 2^(s2_j - m) (s2_j - m)
+    max logit max_j s_j (natural units; -inf for a row with no allowed key)
+    sink mass p at the row's first allowed key (lowest allowed key index)
+
+with s2 = s * log2(e) and m, l the running log2-domain max and normaliser. When m moves
+from m_old to m_new, t becomes 2^(m_old - m_new) (t + (m_old - m_new) l_old) plus the new
+block's terms. A row with no allowed key gets entropy 0, max logit -inf and sink mass 0.
+``fired`` (int8) records where the adaptive rule fired.
 """
 
 from __future__ import annotations
@@ -36,12 +47,14 @@ def _masked_attention_fwd(
     skmb, sstb, sscb, ssch, sgb,
     threshold, adapt_scale,
     fmask_ptr, sfmb, sfmh, sfmm,
+    stats_ptr, fired_ptr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_SEG: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_GATE: tl.constexpr,
     ADAPTIVE: tl.constexpr, LAST_ROW_ONLY: tl.constexpr, STORE_MASS: tl.constexpr,
     UPCAST: tl.constexpr, RULE_SEG: tl.constexpr, HAS_FMASK: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_STATS: tl.constexpr = False, STORE_FIRED: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -64,6 +77,10 @@ def _masked_attention_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if ADAPTIVE:
         acc_seg = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if HEAD_STATS:
+        # t = sum_j 2^(s2_j - m) (s2_j - m), rescaled like l; s2 of the row's first allowed key
+        t_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        s_first = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     # per-segment running mass (NUM_SEG <= 4), rescaled like l
     l0 = tl.zeros([BLOCK_M], dtype=tl.float32)
     l1 = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -109,6 +126,15 @@ def _masked_attention_fwd(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         p = tl.where(allowed, p, 0.0)
+        if HEAD_STATS:
+            # (m_old - m_new) * l_old, 0 while the row has seen no allowed key (no -inf * 0)
+            shift = (tl.where(l_i > 0, m_i, m_safe) - m_safe) * l_i
+            d = tl.where(allowed, s - m_safe[:, None], 0.0)
+            t_i = alpha * (t_i + shift) + tl.sum(p * d, axis=1)
+            # first allowed key of this block (keys are visited in increasing order)
+            j_first = tl.min(tl.where(allowed, offs_n[None, :], Sk), axis=1)
+            s_blk = tl.sum(tl.where(offs_n[None, :] == j_first[:, None], s, 0.0), axis=1)
+            s_first = tl.where((s_first == float("-inf")) & (j_first < Sk), s_blk, s_first)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
         if NUM_SEG > 1:
@@ -174,6 +200,19 @@ def _masked_attention_fwd(
             tl.store(mbase + 2, l2 * inv_l, mask=row_ok)
         if NUM_SEG > 3:
             tl.store(mbase + 3, l3 * inv_l, mask=row_ok)
+    if HEAD_STATS:
+        sbase = stats_ptr + ((b * Hq + h) * Sq + offs_m) * 3
+        m_fin = tl.where(l_i > 0, m_i, 0.0)
+        ent = tl.log(tl.where(l_i > 0, l_i, 1.0)) - 0.6931471805599453 * t_i * inv_l  # ln 2
+        tl.store(sbase, ent, mask=row_ok)
+        tl.store(sbase + 1, m_i * 0.6931471805599453, mask=row_ok)  # log2 -> natural units
+        tl.store(sbase + 2, tl.exp2(s_first - m_fin) * inv_l, mask=row_ok)
+    if STORE_FIRED:
+        fbase = fired_ptr + (b * Hq + h) * Sq + offs_m
+        if ADAPTIVE:
+            tl.store(fbase, fire.to(tl.int8), mask=row_ok)
+        else:
+            tl.store(fbase, tl.zeros([BLOCK_M], dtype=tl.int8), mask=row_ok)
 
 
 MAX_SEGMENTS = 4
@@ -184,12 +223,14 @@ def masked_attention_fwd(
     key_mask: torch.Tensor | None, full_mask: torch.Tensor | None, head_gate: torch.Tensor | None,
     segment_starts: torch.Tensor | None, segment_scale: torch.Tensor | None,
     rule_heads: torch.Tensor | None, rule_segment: int, threshold: float, rule_scale: float, last_row_only: bool,
-    return_segment_mass: bool,
+    return_segment_mass: bool, return_head_stats: bool = False, return_rule_fired: bool = False,
 ):
     """Launch the kernel. q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] (last dim contiguous);
     key_mask [B, Sk] (nonzero = attend) or None; full_mask [B, 1|Hq, Sq, Sk] int8 or None; head_gate [B, Hq] fp32 or None;
     segment_starts [B, S] int32; segment_scale [B, Hq, S] fp32; rule_heads [Hq] int8.
-    Returns out [B, Sq, Hq, D] (q's dtype) and mass [B, Hq, Sq, S] fp32 (or None)."""
+    Returns (out, mass, stats, fired): out [B, Sq, Hq, D] (q's dtype); mass [B, Hq, Sq, S] fp32
+    (or None); stats [B, Hq, Sq, 3] fp32 = (entropy in nats, max logit, sink mass) of the plain
+    softmax (or None); fired [B, Hq, Sq] int8, 1 where the adaptive rule fired (or None)."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -199,6 +240,8 @@ def masked_attention_fwd(
         raise ValueError(f"at most {MAX_SEGMENTS} segments are supported, got {S}")
     out = torch.empty((B, Sq, Hq, D), dtype=q.dtype, device=dev)
     mass = torch.empty((B, Hq, Sq, S), dtype=torch.float32, device=dev) if return_segment_mass else out
+    stats = torch.empty((B, Hq, Sq, 3), dtype=torch.float32, device=dev) if return_head_stats else out
+    fired = torch.empty((B, Hq, Sq), dtype=torch.int8, device=dev) if return_rule_fired else out
     interp = dev.type == "cpu"
     upcast = interp or q.dtype not in (torch.float16, torch.bfloat16)  # fp32/fp64: fp32 compute
     BLOCK_D = max(16, triton.next_power_of_2(D))
@@ -231,13 +274,20 @@ def masked_attention_fwd(
         full_mask.stride(0) if full_mask is not None else 0,
         (full_mask.stride(1) if full_mask.shape[1] > 1 else 0) if full_mask is not None else 0,
         full_mask.stride(2) if full_mask is not None else 0,
+        stats, fired,
         HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_SEG=S,
         CAUSAL=causal, HAS_KMASK=key_mask is not None, HAS_SCALE=segment_scale is not None,
         HAS_GATE=head_gate is not None, ADAPTIVE=rule_heads is not None, LAST_ROW_ONLY=last_row_only,
         STORE_MASS=return_segment_mass, UPCAST=upcast,
         RULE_SEG=int(rule_segment), HAS_FMASK=full_mask is not None,
         PRECISION="ieee" if upcast else "tf32",
+        HEAD_STATS=bool(return_head_stats), STORE_FIRED=bool(return_rule_fired),
         num_warps=num_warps, num_stages=num_stages,
     )
-    return out, (mass if return_segment_mass else None)
+    return (
+        out,
+        mass if return_segment_mass else None,
+        stats if return_head_stats else None,
+        fired if return_rule_fired else None,
+    )
 

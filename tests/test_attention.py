@@ -151,7 +151,7 @@ def test_masked_attention_op_passes_opcheck():
     starts = torch.tensor([[0, 3], [0, 6]], dtype=torch.int32)
     gate = torch.rand(2, 4)
     rule = torch.tensor([1, 0, 0, 1], dtype=torch.int8)
-    args = (q, k, v, None, None, gate, starts, None, rule, 0.3, True, 1, 0.4, 0.0, False, True, "torch")
+    args = (q, k, v, None, None, gate, starts, None, rule, 0.3, True, 1, 0.4, 0.0, False, True, True, True, "torch")
     torch.library.opcheck(torch.ops.avss_fast.masked_attention.default, args)
 
 
@@ -196,3 +196,59 @@ def test_decode_row_with_every_feature(backend, dtype, mask_kind, nseg):
         clear = ((mass[..., nseg - 1] - 0.2).abs() > 0.02).transpose(1, 2)[..., None]
         assert ((out[0].double() - ref).abs() * clear).max() < 3e-2
         assert (out[1].double() - mass).abs().max() < 2e-2
+
+
+# ----------------------------------------------------------------------------- per-row head statistics
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "Sq,Sk,causal,mask_kind",
+    [(37, 37, True, "none"), (37, 37, True, "keys"), (1, 45, True, "keys"), (7, 30, True, "full"),
+     (20, 20, False, "keys"), (9, 300, True, "none")],
+    ids=["prefill", "prefill-pad", "decode-pad", "chunked-full", "bidirectional-pad", "long"],
+)
+def test_head_stats_against_reference(backend, dtype, Sq, Sk, causal, mask_kind):
+    """Entropy, max logit and first-key mass of every row (and the rule's decisions) equal a
+    materialised softmax's; the attention output is unchanged by asking for them."""
+    B, Hq, Hkv = 2, 4, 2
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, 16, dtype, seed=Sk)
+    keys = torch.ones(B, Sk, dtype=torch.bool)
+    keys[0, : Sk // 3] = False  # left padding: early causal rows see nothing
+    mask = {"none": None, "keys": keys, "full": keys[:, None, None, :].expand(B, 1, Sq, Sk)}[mask_kind]
+    rule = AttentionRule(heads=(1, 2), segment=1, threshold=0.3, scale=0.0, rows="all")
+    kw = dict(scaling=0.4, causal=causal, attention_mask=mask, segment_starts=[0, Sk // 2], adaptive=rule)
+    out, mass, stats = masked_attention(q, k, v, return_head_stats=True, **kw)
+    assert mass is None and stats.shape == (B, Hq, Sq, 3) and stats.dtype == torch.float32
+    ref_mask = None if mask is None else (keys[:, None, None, :] if mask_kind != "full" else mask)
+    ref = reference.masked_attention_outputs(
+        q, k, v, scaling=0.4, causal=causal, attention_mask=ref_mask, segment_starts=torch.tensor([[0, Sk // 2]] * B),
+        adaptive=rule, compute_dtype=torch.float64)
+    tol = 2e-4 if dtype == torch.float32 else 3e-2
+    st, rs = stats.double(), ref["stats"].double()
+    finite = torch.isfinite(rs[..., 1])
+    assert torch.equal(torch.isfinite(st[..., 1]), finite)  # rows with no allowed key: -inf
+    assert (st[..., 0] - rs[..., 0]).abs().max() < tol * 10, "entropy"
+    assert (st[..., 1][finite] - rs[..., 1][finite]).abs().max() < tol * 10, "max logit"
+    assert (st[..., 2] - rs[..., 2]).abs().max() < tol, "sink mass"
+    assert (st[~finite][:, [0, 2]] == 0).all()
+    plain = masked_attention(q, k, v, **kw)
+    assert torch.equal(out, plain)
+
+
+def test_rule_fired_matches_reference(backend):
+    from avss_fast.ops import masked_attention_prepared, prepare_attention_args
+
+    q, k, v = _qkv(2, 4, 2, 6, 25, 16, torch.float32, seed=3)
+    for rows in ("last", "all"):
+        rule = AttentionRule(heads=(0, 3), segment=1, threshold=0.35, scale=0.0, rows=rows)
+        args = prepare_attention_args(2, 4, q.device, segment_starts=[0, 10], adaptive=rule, return_rule_fired=True)
+        res = masked_attention_prepared(q, k, v, args, scaling=0.3)
+        ref = reference.masked_attention_outputs(q, k, v, scaling=0.3, segment_starts=torch.tensor([[0, 10]] * 2),
+                                                 adaptive=rule)
+        assert torch.equal(res.fired, ref["fired"])
+        assert int(res.fired.sum()) > 0
+        if rows == "all":
+            assert int(res.fired.sum()) < 2 * 2 * 6  # some rows fire, some do not
+        else:
+            assert int(res.fired[..., :-1].sum()) == 0  # only the last row is ever checked
