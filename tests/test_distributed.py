@@ -88,10 +88,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         raise
 
 
-def _run_ranks(out_dir: str) -> None:
+def _run_ranks(out_dir: str, target=None) -> None:
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, out_dir), daemon=True) for r in range(WORLD)]
+    procs = [ctx.Process(target=target or _worker, args=(r, port, out_dir), daemon=True) for r in range(WORLD)]
     for p in procs:
         p.start()
     try:
@@ -173,3 +173,72 @@ def test_all_reduce_without_process_group_is_identity():
     s = block_similarity(h_in, h_out, mask)
     for acc in (m, s, Moments.zeros(), Similarity.zeros()):
         assert acc.all_reduce() is acc
+
+
+# ----------------------------------------------------------------------------- HeadScorer
+
+
+def head_batch():
+    """A padded token batch for the tiny model (rows split 3 / 2 between the ranks)."""
+    g = torch.Generator().manual_seed(99)
+    ids = torch.randint(3, 100, (B, 9), generator=g)
+    am = torch.ones_like(ids)
+    am[1, :3] = 0  # left padding on rank 0
+    am[4, 6:] = 0  # right padding on rank 1
+    return ids, am
+
+
+def head_model():
+    from tiny_models import make_tiny
+
+    return make_tiny("llama", num_layers=2, heads=4, kv_heads=2, vocab=100)
+
+
+def _head_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ["AVSS_FAST_BACKEND"] = "torch"
+    if os.path.isdir("/sys/class/net/lo"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        from avss_fast.head_stats import HeadScorer
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+        try:
+            model = head_model()
+            ids, am = head_batch()
+            sl = rank_slice(rank)
+            with torch.no_grad(), HeadScorer(model, segment_starts=[0, 4]) as scorer:
+                model(input_ids=ids[sl], attention_mask=am[sl])
+            rep = scorer.report()  # merges the ranks: a process group is initialised
+            with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+                json.dump(rep.to_dict(), f)
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_head_scorer_merges_ranks(tmp_path, monkeypatch):
+    monkeypatch.setenv("AVSS_FAST_BACKEND", "torch")
+    from avss_fast.head_stats import HeadScorer
+
+    _run_ranks(str(tmp_path), _head_worker)
+    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert res[0] == res[1]
+    model = head_model()
+    ids, am = head_batch()
+    with torch.no_grad(), HeadScorer(model, segment_starts=[0, 4]) as scorer:
+        model(input_ids=ids, attention_mask=am)
+    whole = scorer.report(all_reduce=False).to_dict()
+    assert res[0]["rows"] == whole["rows"] and whole["rows"][0][0] == int(am.sum())
+    for name, d in whole["stats"].items():
+        for key in ("mean", "var"):
+            got, exp = torch.tensor(res[0]["stats"][name][key]), torch.tensor(d[key])
+            assert torch.allclose(got, exp, rtol=1e-6, atol=1e-9), f"{name}.{key}"
