@@ -237,7 +237,40 @@ def _sdpa_with_lse(q, k, v, attn_mask, is_causal, scaling, G):
 _MAX_LOGIT_ELEMENTS = 1 << 22
 
 
-def _row_stats(q, k, pk, lse, attn_mask, causal, scaling, key_mask, full_mask):
+def _max_logits(qf, k, attn_mask, causal, scaling):
+    """[B, Hq, Sq] largest allowed logit of every row, query block by query block: a block
+    of R rows needs only the keys its last row may see (causal), only the diagonal part is
+    masked when causal order is all there is, and k is never repeated (the G query heads of a
+    kv head are stacked as G x R rows of one matrix product)."""
+    B, Hq, Sq, D = qf.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    offset = Sk - Sq
+    q5 = qf.reshape(B, Hkv, G, Sq, D)
+    kf = k.float()
+    R = max(16, min(Sq, 128, _MAX_LOGIT_ELEMENTS // max(1, B * Hq * Sk)))
+    out = torch.empty(B, Hkv, G, Sq, device=qf.device)
+    for r0 in range(0, Sq, R):
+        r1 = min(Sq, r0 + R)
+        n = r1 - r0
+        hi = min(Sk, r1 + offset) if causal and Sq > 1 else Sk
+        s = q5[:, :, :, r0:r1].reshape(B, Hkv, G * n, D) @ kf[:, :, :hi].transpose(-1, -2)  # [B, Hkv, G*n, hi]
+        s = s.view(B, Hkv, G, n, hi)
+        if attn_mask is not None:
+            m = attn_mask[..., r0:r1, :hi]  # [B, 1|Hq, n, hi]
+            m = m.reshape(B, Hkv, G, n, hi) if m.shape[1] == Hq and Hq > 1 else m[:, :, None]
+            s.masked_fill_(~m, float("-inf"))
+        elif causal and Sq > 1:
+            lo = max(0, r0 + offset + 1)  # keys past the block's first row limit: the diagonal part
+            if lo < hi:
+                rows = torch.arange(r0, r1, device=qf.device)[:, None]
+                cols = torch.arange(lo, hi, device=qf.device)[None, :]
+                s[..., lo:hi].masked_fill_(cols > rows + offset, float("-inf"))
+        out[:, :, :, r0:r1] = s.amax(-1)
+    return out.reshape(B, Hq, Sq) * scaling
+
+
+def _row_stats(q, k, pk, lse, attn_mask, causal, scaling, key_mask, full_mask, want_max=True):
     """[B, Hq, Sq, 3] = (entropy, max logit, sink mass) of every row, without an Sq x Sk
     matrix: entropy = lse - E_p[s] with E_p[s] = scaling * q . sum_j p_j k_j (``pk``, from
     the same SDPA call); the max logit from q k^T in key blocks; the sink mass
@@ -252,20 +285,8 @@ def _row_stats(q, k, pk, lse, attn_mask, causal, scaling, key_mask, full_mask):
         has = has & attn_mask.any(-1).expand(B, Hq, Sq)
     mean_s = scaling * (qf * pk.float()).sum(-1)
     entropy = torch.where(has, lse - mean_s, 0.0).clamp_min(0.0)
-    # largest logit, key block by key block (q grouped by kv head: k is never repeated)
-    qg = qf.reshape(B, Hkv, G * Sq, D)
-    block = max(64, _MAX_LOGIT_ELEMENTS // max(1, B * Hq * Sq))
-    rows = torch.arange(Sq, device=q.device)
-    best = torch.full((B, Hq, Sq), float("-inf"), device=q.device)
-    for j0 in range(0, Sk, block):
-        kb = k[:, :, j0 : j0 + block].float()
-        sb = (qg @ kb.transpose(-1, -2)).reshape(B, Hq, Sq, -1) * scaling
-        if attn_mask is not None:
-            sb = sb.masked_fill(~attn_mask[..., j0 : j0 + block], float("-inf"))
-        elif causal and Sq > 1:
-            cols = torch.arange(j0, j0 + sb.shape[-1], device=q.device)
-            sb = sb.masked_fill(cols[None, :] > rows[:, None] + (Sk - Sq), float("-inf"))
-        best = torch.maximum(best, sb.amax(-1))
+    best = _max_logits(qf, k, attn_mask, causal, scaling) if want_max else torch.full(
+        (B, Hq, Sq), float("nan"), device=q.device)
     # sink: the first allowed key of each row
     if attn_mask is not None:
         first = attn_mask.to(torch.int8).argmax(-1).expand(B, Hq, Sq)

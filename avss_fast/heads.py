@@ -362,8 +362,11 @@ def avss_fast_attention(module: nn.Module, query, key, value, attention_mask, sc
     mask = attention_mask
     if mask is not None and mask.dtype != torch.bool:
         raise TypeError(f"the avss_fast attention expects a bool mask from its mask function, got {mask.dtype}")
-    causal = bool(is_causal) and mask is None and Sq > 1
-    if causal and Sk > Sq:
+    # Causal order is passed even with a mask: the mask transformers builds already is causal
+    # (and no looser than bottom-right alignment, also with a static cache), so the AND
+    # changes nothing, and it lets the kernels skip the key blocks above the diagonal.
+    causal = bool(is_causal) and Sq > 1
+    if causal and mask is None and Sk > Sq:
         # as in transformers' SDPA integration: only a prefill into an empty static cache
         # gets here; the keys past the prompt are empty slots
         key, value = key[:, :, :Sq], value[:, :, :Sq]

@@ -456,8 +456,10 @@ def _check_qkv(q, k, v) -> None:
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
-def _mask_args(attention_mask, B, Hq, Sq, Sk, dev):
-    """(key_mask [B, Sk] int8, full_mask [B, 1|Hq, Sq, Sk] int8), at most one of them set."""
+def _mask_args(attention_mask, B, Hq, Sq, Sk, dev, keep_bool=False):
+    """(key_mask [B, Sk] int8, full_mask [B, 1|Hq, Sq, Sk] int8), at most one of them set.
+    ``keep_bool``: a bool 4-D mask is passed on as it is (the torch path reads bool; the
+    Triton kernel wants a contiguous int8 copy)."""
     if attention_mask is None:
         return None, None
     if attention_mask.is_floating_point():
@@ -472,6 +474,8 @@ def _mask_args(attention_mask, B, Hq, Sq, Sk, dev):
         if m.shape[0] not in (1, B) or m.shape[1] not in (1, Hq) or tuple(m.shape[2:]) != (Sq, Sk):
             raise ValueError(f"a 4-D attention_mask must be [B|1, 1|Hq, Sq, Sk] = [{B}, 1|{Hq}, {Sq}, {Sk}], "
                              f"got {tuple(m.shape)}")
+        if keep_bool and m.dtype == torch.bool:
+            return None, m.expand(B, m.shape[1], Sq, Sk)
         return None, (m != 0).to(torch.int8).expand(B, m.shape[1], Sq, Sk).contiguous()
     raise ValueError(f"attention_mask must be [B, Sk] or [B, 1|Hq, Sq, Sk], got {tuple(m.shape)}")
 
@@ -494,12 +498,15 @@ def masked_attention_prepared(q, k, v, args: AttentionArgs, *, scaling: float, c
     _check_qkv(q, k, v)
     B, Hq, Sq, _ = q.shape
     Sk = k.shape[2]
-    key_mask, full_mask = _mask_args(attention_mask, B, Hq, Sq, Sk, q.device)
-    call = _masked_attention_op if torch.compiler.is_compiling() else _masked_attention_impl
+    backend = backend_for(q)
+    compiling = torch.compiler.is_compiling()
+    key_mask, full_mask = _mask_args(attention_mask, B, Hq, Sq, Sk, q.device,
+                                     keep_bool=backend == "torch" and not compiling)
+    call = _masked_attention_op if compiling else _masked_attention_impl
     out, mass, stats, fired = call(
         q, k, v, key_mask, full_mask, args.head_gate, args.segment_starts, args.segment_scale, args.rule_heads,
         float(scaling), bool(causal), args.rule_segment, args.threshold, args.rule_scale, args.last_row_only,
-        args.return_segment_mass, args.return_head_stats, args.return_rule_fired, backend_for(q),
+        args.return_segment_mass, args.return_head_stats, args.return_rule_fired, backend,
     )
     return AttentionOutputs(out, mass if args.return_segment_mass else None,
                             stats if args.return_head_stats else None, fired if args.return_rule_fired else None)
