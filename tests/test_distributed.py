@@ -79,13 +79,27 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             }
             with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
                 json.dump(result, f)
-            dist.barrier()
-        finally:
+            dist.barrier()  # both ranks have written their results
+        except BaseException:
             dist.destroy_process_group()
+            raise
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
         raise
+    _exit_without_teardown()
+
+
+def _exit_without_teardown() -> None:
+    """End a rank that finished its work: gloo's process-group teardown at interpreter exit
+    sometimes aborts ("terminate called without an active exception", SIGABRT) when the
+    other rank has already gone; the results are written and both ranks passed the
+    barrier, so leave without running C++ destructors."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _run_ranks(out_dir: str, target=None) -> None:
@@ -215,13 +229,15 @@ def _head_worker(rank: int, port: int, out_dir: str) -> None:
             rep = scorer.report()  # merges the ranks: a process group is initialised
             with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
                 json.dump(rep.to_dict(), f)
-            dist.barrier()
-        finally:
+            dist.barrier()  # both ranks have written their results
+        except BaseException:
             dist.destroy_process_group()
+            raise
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
         raise
+    _exit_without_teardown()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
