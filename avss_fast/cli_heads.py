@@ -56,13 +56,12 @@ def jsonl_events(path: str, model, tok, *, per_label: int, max_length: int):
     p = Path(path)
     if not p.is_file():
         raise CLIError(f"--data {path!r}: no such file")
-    records = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise CLIError(f"--data {path!r} line {n}: not JSON ({e})") from e
+    from .data import read_jsonl
+
+    try:
+        records = [obj for _, obj in read_jsonl(p)]
+    except ValueError as e:
+        raise CLIError(f"--data: {e}") from e
     if not records:
         raise CLIError(f"--data {path!r}: no records")
     if all("text" in r and "prompt" not in r for r in records):

@@ -124,31 +124,21 @@ def load_hallucination_jsonl(path: str | os.PathLike) -> tuple[list[tuple[str, s
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"hallucination data file not found: {os.fspath(path)!r}")
+    from .data import read_jsonl
+
     truthful, hallucinated = [], []
-    with p.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}: line {lineno} is not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(
-                    f"{p}: line {lineno} must be a JSON object with fields {', '.join(FIELDS)}, "
-                    f"got a JSON {type(obj).__name__}"
-                )
-            missing = [f for f in FIELDS if f not in obj]
-            if missing:
-                raise ValueError(
-                    f"{p}: line {lineno} lacks field(s) {', '.join(missing)}; every record needs "
-                    f"{', '.join(FIELDS)} (keys present: {sorted(obj)})"
-                )
-            for f in FIELDS:
-                if not isinstance(obj[f], str):
-                    raise ValueError(f"{p}: line {lineno}: field {f!r} must be a string, got {type(obj[f]).__name__}")
-            truthful.append((obj["prompt"], obj["truthful"]))
-            hallucinated.append((obj["prompt"], obj["hallucinated"]))
+    for lineno, obj in read_jsonl(p, expect=f"fields {', '.join(FIELDS)}"):
+        missing = [f for f in FIELDS if f not in obj]
+        if missing:
+            raise ValueError(
+                f"{p}: line {lineno} lacks field(s) {', '.join(missing)}; every record needs "
+                f"{', '.join(FIELDS)} (keys present: {sorted(obj)})"
+            )
+        for f in FIELDS:
+            if not isinstance(obj[f], str):
+                raise ValueError(f"{p}: line {lineno}: field {f!r} must be a string, got {type(obj[f]).__name__}")
+        truthful.append((obj["prompt"], obj["truthful"]))
+        hallucinated.append((obj["prompt"], obj["hallucinated"]))
     if not truthful:
         raise ValueError(f"{p}: no records (expected one JSON object per line with {', '.join(FIELDS)})")
     return truthful, hallucinated

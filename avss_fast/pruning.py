@@ -530,17 +530,9 @@ def _load_records(data: Any) -> list[dict]:
         path = Path(data)
         if not path.is_file():
             raise FileNotFoundError(f"no such file: {os.fspath(data)!r}")
-        records = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}: line {lineno} must be a JSON object")
-            records.append(obj)
+        from .data import read_jsonl
+
+        records = [obj for _, obj in read_jsonl(path)]
     elif isinstance(data, Sequence) and data and all(isinstance(r, Mapping) for r in data):
         records = [dict(r) for r in data]
     else:

@@ -72,8 +72,12 @@ def _texts_from_txt(path: Path) -> list[str]:
         return [line.strip() for line in fh if line.strip()]
 
 
-def _texts_from_jsonl(path: Path, field: str) -> list[str]:
-    texts: list[str] = []
+def read_jsonl(path, *, expect: str = "") -> list[tuple[int, dict]]:
+    """``(line number, object)`` for every non-blank line of a JSONL file; a clear
+    ValueError naming the file and line for invalid JSON or a non-object (``expect``
+    describes the fields wanted, for the message)."""
+    path = Path(path)
+    out = []
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -84,21 +88,26 @@ def _texts_from_jsonl(path: Path, field: str) -> list[str]:
                 raise ValueError(f"{path}: line {lineno} is not valid JSON ({exc.msg})") from None
             if not isinstance(obj, dict):
                 raise ValueError(
-                    f"{path}: line {lineno} must be a JSON object with a {field!r} field, "
+                    f"{path}: line {lineno} must be a JSON object{' with ' + expect if expect else ''}, "
                     f"got a JSON {type(obj).__name__}"
                 )
-            if field not in obj:
-                raise ValueError(
-                    f"{path}: line {lineno} has no field {field!r}; keys present: {sorted(obj)}"
-                )
-            value = obj[field]
-            if not isinstance(value, str) or not value.strip():
-                got = "an empty string" if isinstance(value, str) else type(value).__name__
-                raise ValueError(
-                    f"{path}: line {lineno}: field {field!r} must be a non-empty string, "
-                    f"got {got}; keys present: {sorted(obj)}"
-                )
-            texts.append(value)
+            out.append((lineno, obj))
+    return out
+
+
+def _texts_from_jsonl(path: Path, field: str) -> list[str]:
+    texts: list[str] = []
+    for lineno, obj in read_jsonl(path, expect=f"a {field!r} field"):
+        if field not in obj:
+            raise ValueError(f"{path}: line {lineno} has no field {field!r}; keys present: {sorted(obj)}")
+        value = obj[field]
+        if not isinstance(value, str) or not value.strip():
+            got = "an empty string" if isinstance(value, str) else type(value).__name__
+            raise ValueError(
+                f"{path}: line {lineno}: field {field!r} must be a non-empty string, "
+                f"got {got}; keys present: {sorted(obj)}"
+            )
+        texts.append(value)
     return texts
 
 
