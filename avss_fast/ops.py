@@ -126,14 +126,14 @@ def _moments_from_partials(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, to
     return ints, flts
 
 
-@torch.library.custom_op("avss_fast::layer_moments", mutates_args=())
-def _layer_moments_op(
-    hidden: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    sparsity_eps: float,
-    sparsity_rel: float | None,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _eager_or_op(impl, op):
+    """The custom op under ``torch.compile`` (it needs the registered op and its fake), the
+    plain implementation in eager mode: the custom-op dispatch costs tens of microseconds
+    a call, which shows when a model calls the op once per block and batch."""
+    return op if torch.compiler.is_compiling() else impl
+
+
+def _layer_moments_impl(hidden, attention_mask, sparsity_eps, sparsity_rel, backend):
     B, T, D = hidden.shape
     if backend == "triton":
         from .kernels import layer_moments_partials
@@ -147,6 +147,17 @@ def _layer_moments_op(
         ints, flts = m.to(hidden.device)._pack()
         return ints, flts
     return fused_cpu.layer_moments_packed(hidden, attention_mask, sparsity_eps, sparsity_rel)
+
+
+@torch.library.custom_op("avss_fast::layer_moments", mutates_args=())
+def _layer_moments_op(
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    sparsity_eps: float,
+    sparsity_rel: float | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _layer_moments_impl(hidden, attention_mask, sparsity_eps, sparsity_rel, backend)
 
 
 @_layer_moments_op.register_fake
@@ -183,7 +194,7 @@ def layer_moments(
     _check_hidden("hidden", hidden)
     mask = _check_mask(attention_mask, hidden)
     check_sparsity_thresholds(sparsity_eps, sparsity_rel)
-    ints, flts = _layer_moments_op(
+    ints, flts = _eager_or_op(_layer_moments_impl, _layer_moments_op)(
         hidden.detach(), None if mask is None else mask.detach(), float(sparsity_eps),
         None if sparsity_rel is None else float(sparsity_rel), backend_for(hidden),
     )
@@ -193,10 +204,7 @@ def layer_moments(
 # ----------------------------------------------------------------------------- block_similarity
 
 
-@torch.library.custom_op("avss_fast::block_similarity", mutates_args=())
-def _block_similarity_op(
-    h_in: torch.Tensor, h_out: torch.Tensor, attention_mask: torch.Tensor | None, eps: float, backend: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _block_similarity_impl(h_in, h_out, attention_mask, eps, backend):
     if backend == "triton" and h_in.numel() > 0:
         from .kernels import block_similarity_rows
 
@@ -211,6 +219,13 @@ def _block_similarity_op(
         ints, flts = s.to(h_in.device)._pack()
         return ints, flts
     return fused_cpu.block_similarity_packed(h_in, h_out, attention_mask, eps)
+
+
+@torch.library.custom_op("avss_fast::block_similarity", mutates_args=())
+def _block_similarity_op(
+    h_in: torch.Tensor, h_out: torch.Tensor, attention_mask: torch.Tensor | None, eps: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _block_similarity_impl(h_in, h_out, attention_mask, eps, backend)
 
 
 @_block_similarity_op.register_fake
@@ -235,7 +250,7 @@ def block_similarity(
     if h_in.device != h_out.device:
         raise ValueError(f"h_in is on {h_in.device} but h_out is on {h_out.device}")
     mask = _check_mask(attention_mask, h_in)
-    ints, flts = _block_similarity_op(
+    ints, flts = _eager_or_op(_block_similarity_impl, _block_similarity_op)(
         h_in.detach(), h_out.detach(), None if mask is None else mask.detach(), float(eps), backend_for(h_in)
     )
     return Similarity._unpack(ints, flts)
@@ -502,7 +517,7 @@ def masked_attention_prepared(q, k, v, args: AttentionArgs, *, scaling: float, c
     compiling = torch.compiler.is_compiling()
     key_mask, full_mask = _mask_args(attention_mask, B, Hq, Sq, Sk, q.device,
                                      keep_bool=backend == "torch" and not compiling)
-    call = _masked_attention_op if compiling else _masked_attention_impl
+    call = _masked_attention_op if compiling else _masked_attention_impl  # see _eager_or_op
     out, mass, stats, fired = call(
         q, k, v, key_mask, full_mask, args.head_gate, args.segment_starts, args.segment_scale, args.rule_heads,
         float(scaling), bool(causal), args.rule_segment, args.threshold, args.rule_scale, args.last_row_only,
