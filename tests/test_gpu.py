@@ -147,3 +147,79 @@ def test_masked_attention_does_not_synchronise():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.shape == (1, 1, 8, 64) and bool((out[:, :, 7] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("Sq,Sk", [(300, 300), (1, 777), (64, 500)], ids=["prefill", "decode", "chunked"])
+def test_head_stats_and_rule_fired_cuda(dtype, Sq, Sk):
+    """Twin of test_attention.py::test_head_stats_against_reference / test_rule_fired and of
+    tests/test_attention_stats_kernel.py: entropy, max logit, sink mass and the rule's
+    decisions from the compiled kernel."""
+    from avss_fast.ops import AttentionRule, masked_attention_prepared, prepare_attention_args
+
+    g = torch.Generator().manual_seed(1)
+    B, Hq, Hkv, D = 2, 8, 2, 64
+    q = torch.randn(B, Hq, Sq, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, Sk, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, Sk, D, generator=g).to(dtype)
+    km = torch.ones(B, Sk, dtype=torch.bool)
+    km[1, :7] = False
+    rule = AttentionRule((0, 5), 1, 0.5, 0.0, "all")
+    starts = torch.tensor([[0, Sk // 2]] * B)
+    args = prepare_attention_args(B, Hq, "cuda", segment_starts=starts.cuda(), adaptive=rule,
+                                  return_segment_mass=True, return_head_stats=True, return_rule_fired=True)
+    res = masked_attention_prepared(q.cuda(), k.cuda(), v.cuda(), args, scaling=D**-0.5, causal=True,
+                                    attention_mask=km.cuda())
+    ref = reference.masked_attention_outputs(q, k, v, scaling=D**-0.5, causal=True,
+                                             attention_mask=km[:, None, None, :], segment_starts=starts,
+                                             adaptive=rule, compute_dtype=torch.float64)
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    st, rs = res.stats.cpu().double(), ref["stats"].double()
+    fin = torch.isfinite(rs[..., 1])
+    assert torch.equal(torch.isfinite(st[..., 1]), fin)
+    assert (st[..., 0] - rs[..., 0]).abs().max() < 10 * tol
+    assert (st[..., 1][fin] - rs[..., 1][fin]).abs().max() < 10 * tol
+    assert (st[..., 2] - rs[..., 2]).abs().max() < tol
+    clear = ((ref["mass"][..., 1] - 0.5).abs() > 1e-2)
+    assert torch.equal(res.fired.cpu()[clear], ref["fired"][clear])
+
+
+def test_intervene_generate_and_head_scorer_on_cuda():
+    """Twin of test_heads.py / test_head_stats.py on the GPU: greedy generation under an
+    adaptive rule equals the torch path's tokens, the rule report and HeadScorer work with
+    device tensors, and the model is restored."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_models import make_tiny
+
+    from avss_fast import AdaptiveRule, HeadIntervention, HeadScorer, intervene
+
+    model = make_tiny("llama", num_layers=3, heads=4, kv_heads=2, vocab=100).cuda()
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0)).cuda()
+    am = torch.ones_like(ids)
+    am[0, :3] = 0
+    iv = HeadIntervention(gates={(0, 1): 0.0}, adaptive=AdaptiveRule(heads=[(1, 0), (2, 3)], segment=1),
+                          segment_starts=[[3, 7], [0, 5]])
+    kw = dict(input_ids=ids, attention_mask=am, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), intervene(model, iv) as run:
+        gpu = model.generate(**kw)
+    rep = run.rule_report()
+    assert all(r["checked"] == 2 * 6 for r in rep.values())
+    cpu_model = model.cpu()
+    import os
+
+    os.environ["AVSS_FAST_BACKEND"] = "torch"
+    try:
+        with torch.no_grad(), intervene(cpu_model, iv):
+            ref = cpu_model.generate(**{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+    finally:
+        os.environ["AVSS_FAST_BACKEND"] = "triton"
+    assert torch.equal(gpu.cpu(), ref)
+    model = cpu_model.cuda()
+    with torch.no_grad(), HeadScorer(model, segment_starts=[0, 6]) as scorer:
+        model(input_ids=ids, attention_mask=am)
+    hr = scorer.report()
+    assert hr.rows[0][0] == int(am.sum())
+    assert model.config._attn_implementation == "sdpa"
