@@ -212,7 +212,7 @@ def masked_attention_torch(
             fired = fire.to(torch.int8)
     if head_gate is not None:
         out *= head_gate.to(dt)[:, :, None, None]
-    out = out.transpose(1, 2).contiguous()
+    out = out.transpose(1, 2).to(dt).contiguous()  # the statistics path may have run in fp32
     if return_rule_fired and fired is None:
         fired = torch.zeros(B, Hq, Sq, dtype=torch.int8, device=dev)
     return (out, mass.contiguous() if return_segment_mass else None, stats,
@@ -220,8 +220,22 @@ def masked_attention_torch(
 
 
 def _sdpa_with_lse(q, k, v, attn_mask, is_causal, scaling, G):
-    """(out, logsumexp) from torch's CPU flash attention; k/v repeated to the query heads
-    (that kernel has no grouped-query mode), a bool mask turned into an additive one."""
+    """(out, logsumexp) of attention, for the statistics path. On CPU: torch's CPU flash
+    kernel, which returns both (k/v repeated to the query heads: that kernel has no
+    grouped-query mode; a bool mask turned additive). bf16/fp16 run in fp32 there: the
+    entropy is a difference of two large numbers (lse - E[s]) that half precision would
+    cancel badly. Elsewhere (the torch backend forced on CUDA): SDPA for the output and the
+    log-sum-exp from blocked scores."""
+    low = q.dtype in (torch.float16, torch.bfloat16)
+    if low:
+        q, k, v = q.float(), k.float(), v.float()
+    if q.device.type != "cpu":
+        gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] and _SDPA_GQA else {}
+        if k.shape[1] != q.shape[1] and not gqa:
+            k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scaling, **gqa)
+        lse = _blocked_rows(q, k, attn_mask, is_causal, scaling, torch.logsumexp)
+        return o, lse
     if k.shape[1] != q.shape[1]:
         k, v = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1), v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     mask = None
@@ -237,16 +251,17 @@ def _sdpa_with_lse(q, k, v, attn_mask, is_causal, scaling, G):
 _MAX_LOGIT_ELEMENTS = 1 << 22
 
 
-def _max_logits(qf, k, attn_mask, causal, scaling):
-    """[B, Hq, Sq] largest allowed logit of every row, query block by query block: a block
-    of R rows needs only the keys its last row may see (causal), only the diagonal part is
-    masked when causal order is all there is, and k is never repeated (the G query heads of a
-    kv head are stacked as G x R rows of one matrix product)."""
+def _blocked_rows(qf, k, attn_mask, causal, scaling, reduce):
+    """[B, Hq, Sq] = ``reduce(scores, dim=-1)`` over each row's allowed keys (``torch.amax``:
+    the largest logit; ``torch.logsumexp``), query block by query block: a block of R rows
+    needs only the keys its last row may see (causal), only the diagonal part is masked when
+    causal order is all there is, and k is never repeated (the G query heads of a kv head
+    are stacked as G x R rows of one matrix product)."""
     B, Hq, Sq, D = qf.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     G = Hq // Hkv
     offset = Sk - Sq
-    q5 = qf.reshape(B, Hkv, G, Sq, D)
+    q5 = qf.float().reshape(B, Hkv, G, Sq, D)
     kf = k.float()
     R = max(16, min(Sq, 128, _MAX_LOGIT_ELEMENTS // max(1, B * Hq * Sk)))
     out = torch.empty(B, Hkv, G, Sq, device=qf.device)
@@ -255,7 +270,7 @@ def _max_logits(qf, k, attn_mask, causal, scaling):
         n = r1 - r0
         hi = min(Sk, r1 + offset) if causal and Sq > 1 else Sk
         s = q5[:, :, :, r0:r1].reshape(B, Hkv, G * n, D) @ kf[:, :, :hi].transpose(-1, -2)  # [B, Hkv, G*n, hi]
-        s = s.view(B, Hkv, G, n, hi)
+        s = s.view(B, Hkv, G, n, hi).mul_(scaling)
         if attn_mask is not None:
             m = attn_mask[..., r0:r1, :hi]  # [B, 1|Hq, n, hi]
             m = m.reshape(B, Hkv, G, n, hi) if m.shape[1] == Hq and Hq > 1 else m[:, :, None]
@@ -266,8 +281,13 @@ def _max_logits(qf, k, attn_mask, causal, scaling):
                 rows = torch.arange(r0, r1, device=qf.device)[:, None]
                 cols = torch.arange(lo, hi, device=qf.device)[None, :]
                 s[..., lo:hi].masked_fill_(cols > rows + offset, float("-inf"))
-        out[:, :, :, r0:r1] = s.amax(-1)
-    return out.reshape(B, Hq, Sq) * scaling
+        out[:, :, :, r0:r1] = reduce(s, dim=-1)
+    return out.reshape(B, Hq, Sq)
+
+
+def _max_logits(qf, k, attn_mask, causal, scaling):
+    """[B, Hq, Sq] largest allowed logit of every row (see :func:`_blocked_rows`)."""
+    return _blocked_rows(qf, k, attn_mask, causal, scaling, torch.amax)
 
 
 def _row_stats(q, k, pk, lse, attn_mask, causal, scaling, key_mask, full_mask, want_max=True):

@@ -148,8 +148,8 @@ def attribute_heads(
     try:
         for i, (s, t) in enumerate(targets):
             tokens, pos = _sample_tokens(ids, mask, s, t)
+            y = int(tokens[pos])  # read on the host, before the copy
             tokens = tokens.to(dev)
-            y = int(tokens[pos])
             effects = []
             if positions == "target":
                 prefix, row = tokens[: pos - 1], tokens[pos - 1 : pos]
@@ -201,8 +201,8 @@ def attribute_heads_loop(model, input_ids, targets, *, attention_mask=None, scor
     kv_arg = _cache_arg(model)
     for i, (s, t) in enumerate(targets):
         tokens, pos = _sample_tokens(ids, mask, s, t)
-        tokens = tokens.to(dev)
         y = int(tokens[pos])
+        tokens = tokens.to(dev)
         prefix, row = tokens[: pos - 1], tokens[pos - 1 : pos]
         cache = None
         with intervene(model, HeadIntervention(), layers_path=layers_path):

@@ -121,10 +121,15 @@ def cmd_generate(args) -> int:
     num_layers, num_heads = len(blocks), _num_query_heads(model)
     if args.heads and args.heads_from:
         raise CLIError("give --heads or --heads-from, not both")
+    if args.top_k is not None and args.top_k < 1:
+        raise CLIError("--top-k must be >= 1")
     if args.heads_from:
         pairs = read_heads_file(args.heads_from)
         if args.top_k:
             pairs = pairs[: args.top_k]
+        if not pairs:
+            raise CLIError(f"--heads-from {args.heads_from!r}: the file names no heads "
+                           "(an empty hal_heads list: no head scored above 0?)")
     elif args.heads:
         pairs = parse_heads(args.heads, num_layers, num_heads)
     else:
@@ -137,7 +142,10 @@ def cmd_generate(args) -> int:
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=False,
               pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     with torch.no_grad():
-        plain = model.generate(**enc, **kw)[0, n_prompt:]
+        from .heads import HeadIntervention
+
+        with intervene(model, HeadIntervention()):  # the same attention code, nothing changed
+            plain = model.generate(**enc, **kw)[0, n_prompt:]
         try:
             with intervene(model, iv) as run:
                 changed = model.generate(**enc, **kw)[0, n_prompt:]

@@ -13,7 +13,8 @@ With no ``--data`` the events come from the shipped demo LM on its held-out text
 sampled position the model's greedy next token is the event's token, labelled correct
 where it matches the text and hallucinated where it does not. ``--data`` takes a JSONL
 file of ``{"prompt", "target", "label": "hallucinated"|"correct"}`` (the event's token is
-the target's first token) or of ``{"text"}`` (events found as for the default).
+the first token of the target tokenised on its own: put a leading space in the target
+where the tokenizer marks word starts) or of ``{"text"}`` (events found as for the default).
 """
 
 from __future__ import annotations
@@ -75,10 +76,10 @@ def jsonl_events(path: str, model, tok, *, per_label: int, max_length: int):
         if r["label"] not in LABELS:
             raise CLIError(f"--data {path!r} record {n}: label must be 'hallucinated' or 'correct', got {r['label']!r}")
         prompt = tok(r["prompt"], return_tensors="pt")["input_ids"][0]
-        full = tok(r["prompt"] + r["target"], return_tensors="pt")["input_ids"][0]
-        if len(full) <= len(prompt) or len(prompt) < 1:
+        target = tok(r["target"], add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        if len(prompt) < 1 or len(target) < 1:
             raise CLIError(f"--data {path!r} record {n}: the prompt or the target tokenises to nothing")
-        events.append((torch.cat([prompt, full[len(prompt) : len(prompt) + 1]]), r["label"]))
+        events.append((torch.cat([prompt, target[:1]]), r["label"]))
     return events
 
 

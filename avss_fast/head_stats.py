@@ -63,14 +63,19 @@ class _Running:
 
 
 def _valid_rows(mask: torch.Tensor | None, B: int, Sq: int, Sk: int) -> torch.Tensor | None:
-    """[B, Sq] bool: the query token of each row is real. A token always attends to itself,
-    a padding token's own key is masked out, so the diagonal of the mask says which."""
+    """[B, Sq] bool: the query token of each row is real. A token always attends to itself
+    and a padding token's own key is masked out, so the mask's diagonal says which. The
+    diagonal sits at key ``i + offset``: ``offset = Sk - Sq`` with a dynamic cache, less with
+    a static one (Sk is the cache's length); it is read off the last query row's last allowed
+    key, on the device (no synchronisation)."""
     if mask is None:
         return None
-    if mask.dim() == 2:  # [B, Sk] key mask (decoding): the last key is the query's own
-        return mask[:, Sk - Sq :].to(torch.bool)
+    if mask.dim() == 2:  # [B, Sk] key mask: one query row (decoding), real if it sees any key
+        return mask.to(torch.bool).any(-1, keepdim=True).expand(B, Sq)
+    last_row = mask[:, 0, -1, :].to(torch.bool).any(0)  # [Sk]
+    last = (Sk - 1) - last_row.flip(-1).to(torch.int8).argmax()  # the last query row's own key
     rows = torch.arange(Sq, device=mask.device)
-    return mask[:, 0, rows, rows + (Sk - Sq)].to(torch.bool)
+    return mask[:, 0, rows, rows + (last - (Sq - 1))].to(torch.bool)
 
 
 class HeadScorer:
@@ -91,7 +96,8 @@ class HeadScorer:
         bad = [s for s in stats if s not in STATS]
         if bad or not stats:
             raise ValueError(f"stats must be a non-empty subset of {STATS}, got {stats!r}")
-        if "segment_mass" in stats and segment_starts is None:
+        has_starts = segment_starts is not None or (intervention is not None and intervention.segment_starts is not None)
+        if "segment_mass" in stats and not has_starts:
             stats = tuple(s for s in stats if s != "segment_mass")  # one segment: always 1
             if not stats:
                 raise ValueError("segment_mass needs segment_starts")

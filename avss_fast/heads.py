@@ -300,22 +300,27 @@ class InterventionRun:
             self._prepared[key] = args
         return args
 
-    def after_call(self, layer: int, res: ops.AttentionOutputs, mask, B: int, Sq: int, Sk: int) -> None:
+    def after_call(self, layer: int, args: ops.AttentionArgs, res: ops.AttentionOutputs, mask,
+                   B: int, Sq: int, Sk: int) -> None:
         """Book-keeping after one attention call (device tensors only, no synchronisation):
-        the adaptive rule's checked/fired rows, and the collector's statistics."""
+        the adaptive rule's checked/fired rows, and the collector's statistics. Rows "last":
+        the last row of each sample; rows "all": the valid (non-padding) rows."""
         if res.fired is not None:
-            rule = self.plans[layer].rule
-            on = torch.zeros(res.fired.shape[1], dtype=torch.int64, device=res.fired.device)
-            on[list(rule.heads)] = 1
-            if rule.rows == "last":
+            on = args.rule_heads.to(torch.int64)  # [Hq] on the device, built once per run
+            fired = res.fired
+            if self.plans[layer].rule.rows == "last":
                 rows = B
             else:
                 from .head_stats import _valid_rows
 
                 valid = _valid_rows(mask, B, Sq, Sk)
-                rows = valid.sum() if valid is not None else B * Sq
+                if valid is None:
+                    rows = B * Sq
+                else:
+                    rows = valid.sum()
+                    fired = fired * valid[:, None, :].to(fired.dtype)
             self._checked[layer] = self._checked.get(layer, 0) + on * rows
-            self._fired[layer] = self._fired.get(layer, 0) + res.fired.sum((0, 2), dtype=torch.int64)
+            self._fired[layer] = self._fired.get(layer, 0) + fired.sum((0, 2), dtype=torch.int64)
         if self.collector is not None:
             self.collector._collect(layer, res, mask, B, Sq, Sk)
 
@@ -384,7 +389,7 @@ def avss_fast_attention(module: nn.Module, query, key, value, attention_mask, sc
         causal=causal, attention_mask=mask,
     )
     if entry is not None:
-        run.after_call(layer, res, mask, B, Sq, key.shape[2])
+        run.after_call(layer, args, res, mask, B, Sq, key.shape[2])
     return res.out, None
 
 

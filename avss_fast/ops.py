@@ -491,6 +491,8 @@ def _mask_args(attention_mask, B, Hq, Sq, Sk, dev, keep_bool=False):
                              f"got {tuple(m.shape)}")
         if keep_bool and m.dtype == torch.bool:
             return None, m.expand(B, m.shape[1], Sq, Sk)
+        if m.dtype == torch.bool and m.shape[0] == B and m.is_contiguous():
+            return None, m.view(torch.int8)  # same bytes: no copy per layer
         return None, (m != 0).to(torch.int8).expand(B, m.shape[1], Sq, Sk).contiguous()
     raise ValueError(f"attention_mask must be [B, Sk] or [B, 1|Hq, Sq, Sk], got {tuple(m.shape)}")
 

@@ -117,7 +117,7 @@ def _masked_attention_fwd(
             km = tl.load(kmask_ptr + b * skmb + offs_n, mask=key_ok, other=0)
             allowed = allowed & (km != 0)[None, :]
         if HAS_FMASK:
-            fm = tl.load(fmask_ptr + b * sfmb + h * sfmh + offs_m[:, None] * sfmm + offs_n[None, :],
+            fm = tl.load(fmask_ptr + b * sfmb + h * sfmh + offs_m.to(tl.int64)[:, None] * sfmm + offs_n[None, :],
                          mask=row_ok[:, None] & key_ok[None, :], other=0)
             allowed = allowed & (fm != 0)
         s = tl.where(allowed, s, float("-inf"))

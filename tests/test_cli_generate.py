@@ -68,11 +68,19 @@ def test_parse_heads():
         (["--mode", "adaptive", "--segment", "3"], "out of range"),
         (["--segment-starts", "5,2", "--mode", "reweight"], "non-decreasing"),
         (["--prompt", "  "], "empty"),
+        (["--top-k", "0", "--heads", "1:0"], "--top-k must be >= 1"),
     ],
 )
 def test_errors(args, msg, capsys):
     assert main(["generate", *args]) == 2
     assert msg in capsys.readouterr().err
+
+
+def test_empty_heads_file_is_an_error(tmp_path, capsys):
+    f = tmp_path / "h.json"
+    f.write_text(json.dumps({"hal_heads": [], "non_hal_heads": [[0, 1]]}))
+    assert main(["generate", "--heads-from", str(f)]) == 2
+    assert "names no heads" in capsys.readouterr().err
 
 
 def test_encoder_model_is_refused(capsys):

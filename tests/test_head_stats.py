@@ -182,3 +182,37 @@ def test_intervene_reports_checked_and_fired_rows():
     with torch.no_grad(), intervene(model, never) as run2:
         model(input_ids=ids)
     assert run2.rule_report() == {(0, 1): {"checked": 2, "fired": 0}}
+
+
+def test_static_cache_rows_and_intervention_segments():
+    """With a static cache (keys = the whole cache) the valid rows are still found; segment
+    starts given through the intervention feed segment_mass."""
+    model = make_tiny("llama", num_layers=2, vocab=100)
+    ids = torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(5))
+    am = torch.ones_like(ids)
+    am[0, :3] = 0
+    kw = dict(input_ids=ids, attention_mask=am, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    counts = {}
+    for cache in ("dynamic", "static"):
+        extra = {"cache_implementation": "static"} if cache == "static" else {}
+        iv = HeadIntervention(gates={(0, 0): 0.5}, segment_starts=[0, 4])
+        with torch.no_grad(), HeadScorer(model, intervention=iv) as scorer:
+            model.generate(**kw, **extra)
+        rep = scorer.report()
+        assert "segment_mass" in rep.stats
+        counts[cache] = rep.rows[0][0]
+    assert counts["dynamic"] == counts["static"] == int(am.sum()) + 2 * 3
+
+
+def test_rule_report_counts_only_real_rows_for_rows_all():
+    model = make_tiny("llama", num_layers=2, vocab=100)
+    ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(6))
+    am = torch.ones_like(ids)
+    am[0, 5:] = 0  # right padding
+    am[1, :2] = 0  # left padding
+    iv = HeadIntervention(adaptive=AdaptiveRule(heads=[(1, 1)], segment=0, threshold=0.0, rows="all"),
+                          segment_starts=[0, 4])
+    with torch.no_grad(), intervene(model, iv) as run:
+        model(input_ids=ids, attention_mask=am)
+    rep = run.rule_report()[(1, 1)]
+    assert rep["checked"] == int(am.sum()) == rep["fired"]  # threshold 0: every real row fires
