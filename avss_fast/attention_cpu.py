@@ -47,14 +47,37 @@ def _sdpa_mask(B, Sq, Sk, causal, key_mask, full_mask, device):
     return m, False
 
 
-def _in_segment(segment_starts: torch.Tensor, s: int, Sk: int) -> torch.Tensor:
-    """[B, Sk] bool: key j is in segment s (keys before the first start count as segment 0)."""
-    pos = torch.arange(Sk, device=segment_starts.device)[None, :]
-    S = segment_starts.shape[1]
-    inside = pos < segment_starts[:, s + 1 : s + 2] if s + 1 < S else torch.ones_like(pos, dtype=torch.bool)
-    if s > 0:
-        inside = inside & (pos >= segment_starts[:, s : s + 1])
-    return inside
+def _in_segment(segment_starts: torch.Tensor, s: int, Sk: int, dtype=None) -> torch.Tensor:
+    """[B, Sk] bool (or [B, 1, Sk] in ``dtype``): key j is in segment s (keys before the first
+    start count as segment 0). Decoding asks again for every new key: the answer for a given
+    starts tensor is kept (per segment and dtype, for twice the keys asked so far) on the
+    tensor itself (``prepare_attention_args`` makes a private copy, so nobody changes it in
+    place) and sliced: one op instead of six."""
+    per = getattr(segment_starts, "_avss_fast_in_segment", None)
+    if per is None:
+        per = {}
+        segment_starts._avss_fast_in_segment = per
+    buf = per.get((s, dtype))
+    if buf is None or buf.shape[-1] < Sk:
+        n = max(Sk, 2 * (buf.shape[-1] if buf is not None else 64))
+        pos = torch.arange(n, device=segment_starts.device)[None, :]
+        S = segment_starts.shape[1]
+        buf = pos < segment_starts[:, s + 1 : s + 2] if s + 1 < S else torch.ones_like(pos, dtype=torch.bool)
+        if s > 0:
+            buf = buf & (pos >= segment_starts[:, s : s + 1])
+        if dtype is not None:
+            buf = buf.to(dtype)[:, None, :]
+        per[(s, dtype)] = buf
+    return buf[..., :Sk]
+
+
+def _rule_on(rule_heads: torch.Tensor) -> torch.Tensor:
+    """[Hq] bool of the rule's heads, kept on the (private, prepared) int8 tensor."""
+    on = getattr(rule_heads, "_avss_fast_on", None)
+    if on is None:
+        on = rule_heads != 0
+        rule_heads._avss_fast_on = on
+    return on
 
 
 def _one_row(q, k, v, *, scaling, key_mask, full_mask, head_gate, segment_starts, segment_scale,
@@ -68,7 +91,10 @@ def _one_row(q, k, v, *, scaling, key_mask, full_mask, head_gate, segment_starts
     Hkv, Sk = k.shape[1], k.shape[2]
     G = Hq // Hkv
     cd = torch.float64 if q.dtype == torch.float64 else torch.float32
-    s = (q.reshape(B, Hkv, G, D).to(cd) @ k.to(cd).transpose(-1, -2)).reshape(B, Hq, Sk) * scaling
+    up = q.dtype != cd
+    qg = q.reshape(B, Hkv, G, D)
+    s = ((qg.to(cd) if up else qg) @ (k.to(cd) if up else k).transpose(-1, -2)).reshape(B, Hq, Sk)
+    s.mul_(scaling)
     allowed = None
     if key_mask is not None:
         allowed = key_mask.to(torch.bool)[:, None, :]
@@ -90,16 +116,19 @@ def _one_row(q, k, v, *, scaling, key_mask, full_mask, head_gate, segment_starts
             if segment_scale is not None:
                 factor = torch.gather(segment_scale.to(cd), 2, seg[:, None, :].expand(B, Hq, Sk))
         if rule_heads is not None:
-            in_seg = _in_segment(segment_starts, rule_segment, Sk).to(cd)[:, None, :]  # [B, 1, Sk]
-            fire = ((p * in_seg).sum(-1) >= threshold) & (rule_heads != 0)  # [B, Hq]
-            a = 1.0 + torch.where(fire, rule_scale - 1.0, 0.0).to(cd)[..., None] * in_seg  # [B, Hq, Sk]
-            factor = a if factor is None else factor * a
+            in_seg = _in_segment(segment_starts, rule_segment, Sk, cd)  # [B, 1, Sk] in cd
+            p_seg = p * in_seg
+            fire = (p_seg.sum(-1) >= threshold) & _rule_on(rule_heads)  # [B, Hq]
+            if factor is None:  # w = p - (1 - scale) [fire] p_seg
+                w = p - (fire.to(cd) * (1.0 - rule_scale))[..., None] * p_seg
+            else:
+                factor = factor * (1.0 + (fire.to(cd) * (rule_scale - 1.0))[..., None] * in_seg)
         if factor is not None:
             w = p * factor
-    out = (w.reshape(B, Hkv, G, Sk) @ v.to(cd)).reshape(B, Hq, D)
+    out = (w.reshape(B, Hkv, G, Sk) @ (v.to(cd) if up else v)).reshape(B, Hq, D)
     if head_gate is not None:
         out = out * head_gate.to(cd)[..., None]
-    out = out.to(q.dtype).reshape(B, 1, Hq, D)
+    out = (out.to(q.dtype) if up else out).reshape(B, 1, Hq, D)
     stats = fired = None
     if return_head_stats:
         first = allowed.to(torch.int8).argmax(-1, keepdim=True).expand(B, Hq, 1) if allowed is not None else None

@@ -264,6 +264,8 @@ class InterventionRun:
         self.collector = None  # a HeadScorer, when one is collecting statistics
         self._checked: dict[int, torch.Tensor] = {}  # layer -> [Hq] rows the rule checked (device)
         self._fired: dict[int, torch.Tensor] = {}  # layer -> [Hq] rows it fired on (device)
+        self._last_rows: dict[int, int] = {}  # layer -> rows checked by a rows="last" rule
+        self._rule_on: dict[int, torch.Tensor] = {}  # layer -> [Hq] int64, 1 for the rule's heads
 
     @staticmethod
     def _per_batch(t: torch.Tensor | None, B: int, what: str) -> torch.Tensor | None:
@@ -306,10 +308,15 @@ class InterventionRun:
         the adaptive rule's checked/fired rows, and the collector's statistics. Rows "last":
         the last row of each sample; rows "all": the valid (non-padding) rows."""
         if res.fired is not None:
-            on = args.rule_heads.to(torch.int64)  # [Hq] on the device, built once per run
+            on = self._rule_on.get(layer)
+            if on is None:
+                on = self._rule_on[layer] = args.rule_heads.to(torch.int64)  # [Hq] on the device
             fired = res.fired
             if self.plans[layer].rule.rows == "last":
                 rows = B
+                self._last_rows[layer] = self._last_rows.get(layer, 0) + B  # host count: no tensor op
+                self._fired[layer] = self._fired.get(layer, 0) + fired.sum((0, 2), dtype=torch.int64)
+                return self._collect(layer, res, mask, B, Sq, Sk)
             else:
                 from .head_stats import _valid_rows
 
@@ -321,6 +328,9 @@ class InterventionRun:
                     fired = fired * valid[:, None, :].to(fired.dtype)
             self._checked[layer] = self._checked.get(layer, 0) + on * rows
             self._fired[layer] = self._fired.get(layer, 0) + fired.sum((0, 2), dtype=torch.int64)
+        self._collect(layer, res, mask, B, Sq, Sk)
+
+    def _collect(self, layer, res, mask, B, Sq, Sk) -> None:
         if self.collector is not None:
             self.collector._collect(layer, res, mask, B, Sq, Sk)
 
@@ -336,7 +346,7 @@ class InterventionRun:
             checked = self._checked.get(layer)
             fired = self._fired.get(layer)
             out[(layer, head)] = {
-                "checked": int(checked[head]) if checked is not None else 0,
+                "checked": (int(checked[head]) if checked is not None else 0) + self._last_rows.get(layer, 0),
                 "fired": int(fired[head]) if fired is not None else 0,
             }
         return out

@@ -307,11 +307,7 @@ def _masked_attention_impl(
         from .attention_cpu import masked_attention_torch
 
         res = masked_attention_torch(q, k, v, **kw)
-    out, rest = res[0], list(res[1:]) + [None] * (4 - len(res))
-    empty = lambda dt: torch.empty((0,), dtype=dt, device=q.device)  # noqa: E731
-    mass, stats, fired = (x if x is not None else empty(dt) for x, dt in zip(
-        rest, (torch.float32, torch.float32, torch.int8)))
-    return out, mass, stats, fired
+    return res  # (out, mass, stats, fired); None where not requested
 
 
 @torch.library.custom_op("avss_fast::masked_attention", mutates_args=())
@@ -323,11 +319,14 @@ def _masked_attention_op(
     last_row_only: bool, return_segment_mass: bool, return_head_stats: bool, return_rule_fired: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _masked_attention_impl(
+    res = _masked_attention_impl(
         q, k, v, key_mask, full_mask, head_gate, segment_starts, segment_scale, rule_heads,
         scaling, causal, rule_segment, threshold, rule_scale, last_row_only, return_segment_mass,
         return_head_stats, return_rule_fired, backend,
     )
+    empty = lambda dt: torch.empty((0,), dtype=dt, device=q.device)  # noqa: E731  (an op returns tensors)
+    return (res[0],) + tuple(x if x is not None else empty(dt) for x, dt in zip(
+        res[1:], (torch.float32, torch.float32, torch.int8)))
 
 
 @_masked_attention_op.register_fake
@@ -418,7 +417,7 @@ def prepare_attention_args(
         S = st.shape[1]
         if S > MAX_SEGMENTS:
             raise ValueError(f"at most {MAX_SEGMENTS} segments are supported, got {S}")
-        starts = st.to(torch.int32).contiguous()
+        starts = st.to(torch.int32).clone(memory_format=torch.contiguous_format)  # private: caches hang on it
     scale = None
     if segment_scale is not None:
         if starts is None:
