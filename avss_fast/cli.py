@@ -144,13 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_score)
-    from . import cli_attention_stats, cli_generate, cli_hallucination, cli_heads, cli_prune
+    from . import cli_attention_stats, cli_bench, cli_generate, cli_hallucination, cli_heads, cli_prune
 
     cli_prune.register(sub)
     cli_hallucination.register(sub)
     cli_heads.register(sub)
     cli_generate.register(sub)
     cli_attention_stats.register(sub)
+    cli_bench.register(sub)
     return p
 
 

@@ -168,3 +168,12 @@ def test_attention_stats_encoder_and_errors(tmp_path, capsys):
     assert main(["attention-stats", "--segment-starts", "4,1", "--quiet"]) == 2
     assert "non-decreasing" in capsys.readouterr().err
     assert main(["attention-stats", "--data", str(tmp_path / "missing.txt"), "--quiet"]) == 2
+
+
+def test_bench_quick_json(capsys):
+    assert main(["bench", "--quick", "--json", "--device", "cpu"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    ops_seen = [r["op"] for r in info["rows"]]
+    assert ops_seen[:2] == ["layer_moments", "block_similarity"] and len(ops_seen) == 4
+    assert all(r["fast_ms"] > 0 and r["baseline_ms"] > 0 for r in info["rows"])
+    assert main(["bench", "--dtype", "int8"]) == 2
