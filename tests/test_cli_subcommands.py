@@ -1,4 +1,4 @@
-"""``avss-fast generate``, run as a user would (in-process)."""
+"""The avss-fast subcommands beyond `score` (generate, heads, attention-stats, bench), run as a user would (in-process)."""
 
 import json
 
