@@ -269,7 +269,7 @@ def _sdpa_with_lse(q, k, v, attn_mask, is_causal, scaling, G):
         k, v = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1), v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     mask = None
     if attn_mask is not None:
-        mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~attn_mask, float("-inf"))
+        mask = torch.where(attn_mask, torch.zeros((), dtype=q.dtype), torch.full((), float("-inf"), dtype=q.dtype))
     o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, bool(is_causal), attn_mask=mask, scale=scaling
     )
@@ -329,17 +329,19 @@ def _row_stats(q, k, pk, lse, attn_mask, causal, scaling, key_mask, full_mask, w
     G = Hq // Hkv
     qf = q.float()
     lse = lse.float()
-    has = torch.isfinite(lse)  # the flash kernel's lse of a row with no allowed key is not reliable:
-    if attn_mask is not None:  # decide from the mask
-        has = has & attn_mask.any(-1).expand(B, Hq, Sq)
+    has = torch.isfinite(lse)  # the flash kernel's lse of a row with no allowed key is not reliable,
+    first = None  # so the mask decides: a row has a key if its first "allowed" one really is
+    if attn_mask is not None:
+        m8 = attn_mask.view(torch.int8) if attn_mask.is_contiguous() else attn_mask.to(torch.int8)
+        first = m8.argmax(-1, keepdim=True)  # [B, 1|Hq, Sq, 1]: the first allowed key (0 if none)
+        has = has & torch.gather(attn_mask, -1, first)[..., 0].expand(B, Hq, Sq)
+        first = first[..., 0].expand(B, Hq, Sq)
     mean_s = scaling * (qf * pk.float()).sum(-1)
     entropy = torch.where(has, lse - mean_s, 0.0).clamp_min(0.0)
     best = _max_logits(qf, k, attn_mask, causal, scaling) if want_max else torch.full(
         (B, Hq, Sq), float("nan"), device=q.device)
     # sink: the first allowed key of each row
-    if attn_mask is not None:
-        first = attn_mask.to(torch.int8).argmax(-1).expand(B, Hq, Sq)
-    else:
+    if first is None:
         first = torch.zeros(B, Hq, Sq, dtype=torch.long, device=q.device)
     b_idx = torch.arange(B, device=q.device)[:, None, None]
     kv_idx = (torch.arange(Hq, device=q.device) // G)[None, :, None]
