@@ -331,6 +331,10 @@ def run(args) -> int:
     if "avss" in selections and all(r["near_zero"] == 0 for r in report.layers):
         print("note: no activation fell below the sparsity threshold in any layer, so AVSS ranks layers by "
               "variance alone (avss_guard in report.json); --sparsity-rel 0.01 gives a scale-free sparsity.")
+    elif "avss" in selections and min(r["near_zero"] for r in report.layers) < 30:
+        few = min(r["near_zero"] for r in report.layers)
+        print(f"note: some layers have as few as {few} values below the sparsity threshold, so their sparsity "
+              "(and AVSS) rests on a handful of values; compare with the baselines above, or try --sparsity-rel 0.01.")
     if saved is not None:
         print(f"saved the {metrics[0]}-pruned model ({len(report) - len(selections[metrics[0]])} layers) to {saved}")
     print(f"wrote {json_path}, {png_path}")
