@@ -44,6 +44,7 @@ def main() -> int:
                 q, k, v, is_causal=True, scale=D**-0.5, enable_gqa=True),
             "masked_plain": lambda: masked_attention(q, k, v, scaling=D**-0.5),
             "masked_adaptive": lambda: masked_attention(q, k, v, scaling=D**-0.5, segment_starts=starts, adaptive=rule),
+            "masked_head_stats": lambda: masked_attention(q, k, v, scaling=D**-0.5, return_head_stats=True),
             "masked_reweight_mass": lambda: masked_attention(
                 q, k, v, scaling=D**-0.5, segment_starts=starts, segment_scale=torch.ones(Hq, 3, device=dev) * 0.5,
                 return_segment_mass=True),
@@ -62,6 +63,7 @@ def main() -> int:
             row[cname] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1), "peak_extra_mib": round(peak, 1)}
         row["adaptive_vs_flash"] = round(row["sdpa_flash"]["ms"] / row["masked_adaptive"]["ms"], 3)
         row["plain_vs_flash"] = round(row["sdpa_flash"]["ms"] / row["masked_plain"]["ms"], 3)
+        row["head_stats_vs_plain"] = round(row["masked_head_stats"]["ms"] / row["masked_plain"]["ms"], 3)
         print(json.dumps(row))
         results["cases"].append(row)
         del q, k, v
