@@ -55,9 +55,15 @@ def _masked_attention_fwd(
     ADAPTIVE: tl.constexpr, LAST_ROW_ONLY: tl.constexpr, STORE_MASS: tl.constexpr,
     UPCAST: tl.constexpr, RULE_SEG: tl.constexpr, HAS_FMASK: tl.constexpr, PRECISION: tl.constexpr,
     HEAD_STATS: tl.constexpr = False, STORE_FIRED: tl.constexpr = False,
+    FOLD_GRID: tl.constexpr = False, NUM_M_BLOCKS=1,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    if FOLD_GRID:  # B * Hq beyond the grid's second axis (65,535): everything on axis 0
+        pid = tl.program_id(0).to(tl.int64)
+        pid_m = (pid % NUM_M_BLOCKS).to(tl.int32)
+        bh = pid // NUM_M_BLOCKS
+    else:
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
     b = bh // Hq
     h = bh % Hq
     kvh = h // GROUP
@@ -216,6 +222,8 @@ def _masked_attention_fwd(
 
 
 MAX_SEGMENTS = 4
+_MAX_GRID_Y = 65535  # CUDA's limit on the grid's second axis
+_force_fold = False  # tests: take the folded-grid path at small sizes
 
 
 def masked_attention_fwd(
@@ -255,7 +263,9 @@ def masked_attention_fwd(
         num_warps, num_stages = 4, 2
     dummy = out
     starts = segment_starts if segment_starts is not None else torch.zeros((B, 1), dtype=torch.int32, device=dev)
-    grid = (triton.cdiv(Sq, BLOCK_M), B * Hq)
+    num_m = triton.cdiv(Sq, BLOCK_M)
+    fold = B * Hq > _MAX_GRID_Y or _force_fold
+    grid = (num_m * B * Hq,) if fold else (num_m, B * Hq)
     _masked_attention_fwd[grid](
         q, k, v, out, mass,
         key_mask if key_mask is not None else dummy, starts,
@@ -282,6 +292,7 @@ def masked_attention_fwd(
         RULE_SEG=int(rule_segment), HAS_FMASK=full_mask is not None,
         PRECISION="ieee" if upcast else "tf32",
         HEAD_STATS=bool(return_head_stats), STORE_FIRED=bool(return_rule_fired),
+        FOLD_GRID=fold, NUM_M_BLOCKS=num_m,
         num_warps=num_warps, num_stages=num_stages,
     )
     return (
