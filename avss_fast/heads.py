@@ -446,6 +446,11 @@ def _check_supported(model: nn.Module) -> None:
     """Attention features the op does not have: refuse up front, naming the feature."""
     cfg = model.config
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    dropout = next((getattr(text, n) for n in ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop")
+                    if isinstance(getattr(text, n, None), (int, float))), 0.0)
+    if model.training and dropout > 0:
+        raise ValueError(f"{type(model).__name__} is in training mode with attention dropout {dropout}; the avss_fast "
+                         "attention has no dropout: call model.eval() first")
     for name in ("attn_logit_softcapping", "attention_logit_softcapping"):
         if getattr(text, name, None) is not None:
             raise ValueError(

@@ -324,3 +324,15 @@ def test_shift_segment_starts():
     assert shift_segment_starts([0, 2], am).tolist() == [[2, 4], [0, 2], [4, 6]]
     with pytest.raises(ValueError, match="rows"):
         shift_segment_starts([[0, 1]], am)
+
+
+def test_training_mode_with_attention_dropout_is_refused():
+    model = make_tiny("bert")  # attention_probs_dropout_prob = 0.1 by default
+    model.train()
+    try:
+        with pytest.raises(ValueError, match="model.eval"):
+            with intervene(model):
+                pass
+    finally:
+        model.eval()
+    assert model.config._attn_implementation == "sdpa"
