@@ -33,8 +33,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from tqdm.auto import tqdm
+
 from .heads import HeadIntervention, _num_query_heads, intervene
 from .models import attention_output_projection, find_layers, model_device
+from .scoring import _eval_mode
 
 SCORES = ("prob_diff", "log_prob_diff", "abs_prob_diff")
 POSITIONS = ("target", "all")
@@ -105,6 +108,19 @@ def _returned_cache(out):
     return cache if cache is not None else out.past_key_values
 
 
+def _baseline(model, tokens, pos: int, y: int, positions: str, kv_arg: str, layers_path):
+    """p(y) of the unchanged model at row pos - 1, and for positions "target" the KV cache of
+    the prefix (rows < pos - 1) that every ablation then continues from (None if empty)."""
+    with intervene(model, HeadIntervention(), layers_path=layers_path):
+        if positions != "target":
+            return _probs(model(input_ids=tokens[None, : pos + 1], use_cache=False).logits[0, pos - 1], y), None
+        cache = None
+        if pos > 1:
+            cache = _returned_cache(model(input_ids=tokens[None, : pos - 1], use_cache=True))
+        row = tokens[None, pos - 1 : pos]
+        return _probs(model(input_ids=row, **{kv_arg: copy.deepcopy(cache)}).logits[0, -1], y), cache
+
+
 def _heads(num_layers: int, num_heads: int) -> list[tuple[int, int]]:
     return [(layer, h) for layer in range(num_layers) for h in range(num_heads)]
 
@@ -142,23 +158,16 @@ def attribute_heads(
     out = torch.empty(len(targets), L, H)
     kv_arg = _cache_arg(model)
     chunks = [heads[i : i + batch_size] for i in range(0, len(heads), batch_size)]
-    bar = _progress(len(targets) * len(chunks), progress, "attributing heads")
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model), tqdm(total=len(targets) * len(chunks), desc="attributing heads", unit="batch",
+                                 disable=not progress) as bar:
         for i, (s, t) in enumerate(targets):
             tokens, pos = _sample_tokens(ids, mask, s, t)
             y = int(tokens[pos])  # read on the host, before the copy
             tokens = tokens.to(dev)
             effects = []
+            p, cache = _baseline(model, tokens, pos, y, positions, kv_arg, layers_path)
             if positions == "target":
-                prefix, row = tokens[: pos - 1], tokens[pos - 1 : pos]
-                cache = None
-                with intervene(model, HeadIntervention(), layers_path=layers_path):
-                    if len(prefix):
-                        cache = _returned_cache(model(input_ids=prefix[None], use_cache=True))
-                    base = model(input_ids=row[None], **{kv_arg: copy.deepcopy(cache)}, use_cache=True).logits
-                p = _probs(base[0, -1], y)
+                row = tokens[pos - 1 : pos]
                 for chunk in chunks:
                     c = len(chunk)
                     kv = None
@@ -171,8 +180,6 @@ def attribute_heads(
                     bar.update(1)
             else:
                 seq = tokens[: pos + 1][None]
-                with intervene(model, HeadIntervention(), layers_path=layers_path):
-                    p = _probs(model(input_ids=seq, use_cache=False).logits[0, pos - 1], y)
                 for chunk in chunks:
                     c = len(chunk)
                     with intervene(model, HeadIntervention(gates=_one_head_gates(chunk)), layers_path=layers_path):
@@ -180,9 +187,6 @@ def attribute_heads(
                     effects.append(_score(p, _probs(logits[:, pos - 1], y), score))
                     bar.update(1)
             out[i] = torch.cat(effects).float().cpu().reshape(L, H)
-    finally:
-        bar.close()
-        model.train(was_training)
     return out
 
 
@@ -203,15 +207,8 @@ def attribute_heads_loop(model, input_ids, targets, *, attention_mask=None, scor
         tokens, pos = _sample_tokens(ids, mask, s, t)
         y = int(tokens[pos])
         tokens = tokens.to(dev)
-        prefix, row = tokens[: pos - 1], tokens[pos - 1 : pos]
-        cache = None
-        with intervene(model, HeadIntervention(), layers_path=layers_path):
-            if positions == "target":
-                if len(prefix):
-                    cache = _returned_cache(model(input_ids=prefix[None], use_cache=True))
-                p = _probs(model(input_ids=row[None], **{kv_arg: copy.deepcopy(cache)}).logits[0, -1], y)
-            else:
-                p = _probs(model(input_ids=tokens[None, : pos + 1], use_cache=False).logits[0, pos - 1], y)
+        row = tokens[pos - 1 : pos]
+        p, cache = _baseline(model, tokens, pos, y, positions, kv_arg, layers_path)
         for layer, h in _heads(L, H):
             with intervene(model, HeadIntervention(gates={(layer, h): 0.0}), layers_path=layers_path):
                 if positions == "target":
@@ -246,9 +243,6 @@ def estimate_head_effects(
     dev = model_device(model)
     projections = [attention_output_projection(block) for block in blocks]
     out = torch.empty(len(targets), L, H)
-    bar = _progress(len(targets), progress, "estimating head effects")
-    was_training = model.training
-    model.eval()
     handles = []
     gates: list[torch.Tensor] = []
 
@@ -264,25 +258,25 @@ def estimate_head_effects(
     try:
         for layer, proj in enumerate(projections):
             handles.append(proj.register_forward_pre_hook(make_hook(layer)))
-        for i, (s, t) in enumerate(targets):
-            tokens, pos = _sample_tokens(ids, mask, s, t)
-            seq = tokens[: pos + 1].to(dev)[None]
-            y = int(seq[0, pos])
-            gates[:] = [torch.ones(pos + 1, H, device=dev, requires_grad=True) for _ in range(L)]
-            with torch.enable_grad():
-                logits = model(input_ids=seq, use_cache=False).logits[0, pos - 1].float()
-                logp = torch.log_softmax(logits, -1)[y]
-                objective = logp if score == "log_prob_diff" else logp.exp()
-                grads = torch.autograd.grad(objective, gates)
-            G = torch.stack([g.detach() for g in grads])  # [L, T, H]
-            est = G[:, pos - 1, :] if positions == "target" else G.sum(1)
-            out[i] = (est.abs() if score == "abs_prob_diff" else est).float().cpu()
-            bar.update(1)
+        with _eval_mode(model), tqdm(total=len(targets), desc="estimating head effects", unit="event",
+                                     disable=not progress) as bar:
+            for i, (s, t) in enumerate(targets):
+                tokens, pos = _sample_tokens(ids, mask, s, t)
+                y = int(tokens[pos])  # read on the host, before the copy
+                seq = tokens[: pos + 1].to(dev)[None]
+                gates[:] = [torch.ones(pos + 1, H, device=dev, requires_grad=True) for _ in range(L)]
+                with torch.enable_grad():
+                    logits = model(input_ids=seq, use_cache=False).logits[0, pos - 1].float()
+                    logp = torch.log_softmax(logits, -1)[y]
+                    objective = logp if score == "log_prob_diff" else logp.exp()
+                    grads = torch.autograd.grad(objective, gates)
+                G = torch.stack([g.detach() for g in grads])  # [L, T, H]
+                est = G[:, pos - 1, :] if positions == "target" else G.sum(1)
+                out[i] = (est.abs() if score == "abs_prob_diff" else est).float().cpu()
+                bar.update(1)
     finally:
         for h in handles:
             h.remove()
-        bar.close()
-        model.train(was_training)
     return out
 
 
@@ -311,22 +305,3 @@ def rank_heads(effects: torch.Tensor, hallucinated: Sequence[bool], *, top_k: in
         "scores": scores.tolist(),
         "events": {"hallucinated": n_hal, "correct": n_ok},
     }
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
-
-            return tqdm(total=total, desc=desc, unit="batch")
-        except ImportError:  # pragma: no cover - tqdm comes with transformers' hub client
-            pass
-
-    class _Null:
-        def update(self, n=1):
-            pass
-
-        def close(self):
-            pass
-
-    return _Null()

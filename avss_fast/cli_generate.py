@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .cli import CLIError, load_model
+from .cli import CLIError, load_model, parse_segment_starts
 
 
 def parse_heads(spec: str, num_layers: int, num_heads: int) -> list[tuple[int, int]]:
@@ -84,18 +84,6 @@ def _intervention(args, pairs, starts):
             f"adaptive: last row's mass on segment {segment} >= {args.threshold:g} -> x {scale:g}")
 
 
-def _segment_starts(spec: str | None, n_prompt: int) -> list[int]:
-    if spec is None:
-        return [0, n_prompt]
-    try:
-        starts = [int(s) for s in spec.split(",") if s.strip()]
-    except ValueError:
-        raise CLIError(f"--segment-starts {spec!r}: expected comma-separated token positions, e.g. 0,12") from None
-    if not starts or any(b < a for a, b in zip(starts, starts[1:])) or starts[0] < 0:
-        raise CLIError(f"--segment-starts {spec!r}: expected non-decreasing positions >= 0")
-    return starts
-
-
 def default_prompt(prompts: list[str]) -> str:
     """The first shipped prompt line that reads as a sentence (not a title or stage direction)."""
     return next(p for p in prompts if len(p) >= 40 and not p.startswith(("[", "by ")))
@@ -105,7 +93,7 @@ def cmd_generate(args) -> int:
     import torch
 
     from .demo import demo_model_path, demo_texts
-    from .heads import _num_query_heads, intervene
+    from .heads import HeadIntervention, _num_query_heads, intervene
     from .models import find_layers
 
     if args.max_new_tokens < 1:
@@ -137,13 +125,11 @@ def cmd_generate(args) -> int:
         print(f"no --heads given: using every head of the middle layer ({num_layers // 2}:*)")
     enc = tok(prompt, return_tensors="pt").to(model.device)
     n_prompt = enc["input_ids"].shape[1]
-    starts = _segment_starts(args.segment_starts, n_prompt)
+    starts = [0, n_prompt] if args.segment_starts is None else parse_segment_starts(args.segment_starts)
     iv, what = _intervention(args, pairs, starts)
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=False,
               pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     with torch.no_grad():
-        from .heads import HeadIntervention
-
         with intervene(model, HeadIntervention()):  # the same attention code, nothing changed
             plain = model.generate(**enc, **kw)[0, n_prompt:]
         try:

@@ -96,16 +96,9 @@ def _padded(events, pad_id: int):
     return batch, mask, targets
 
 
-def _spearman(a, b) -> float:
-    import torch
-
-    ra = a.flatten().argsort().argsort().double()
-    rb = b.flatten().argsort().argsort().double()
-    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
-
-
 def cmd_heads(args) -> int:
     from .attribution import attribute_heads, estimate_head_effects, rank_heads
+    from .pruning import spearman
     from .demo import demo_model_path, demo_texts
     from .report import plot_head_heatmap, write_json
 
@@ -138,9 +131,7 @@ def cmd_heads(args) -> int:
     if args.method == "gradient" and args.compare:
         exact = attribute_heads(model, ids, targets, batch_size=args.batch_size, progress=not args.quiet, **kw)
         exact_scores = rank_heads(exact, labels, top_k=args.top_k)["scores"]
-        import torch
-
-        result["spearman_vs_ablation"] = _spearman(torch.tensor(result["scores"]), torch.tensor(exact_scores))
+        result["spearman_vs_ablation"] = spearman(result["scores"], exact_scores)
     out = Path(args.out)
     json_path = write_json(result, out)
     png = plot_head_heatmap(result["scores"], out.with_suffix(".png"),

@@ -249,12 +249,10 @@ class HallucinationReport:
             rt, rh = mt.raw(), mh.raw()
             row: dict[str, Any] = {"layer": i, "module": f"{self.layers_path}.{i}"}
             for name, m, r in (("truthful", mt, rt), ("hallucinated", mh, rh)):
-                n = r["elements"]
-                var, sp = m.pooled_variance, m.sparsity
-                row[f"variance_{name}"] = var
+                row[f"variance_{name}"] = m.pooled_variance
                 row[f"token_variance_{name}"] = m.token_variance
-                row[f"sparsity_{name}"] = sp
-                row[f"avss_{name}"] = var / max(sp, 1.0 / n) if n > 0 and math.isfinite(var) else math.nan
+                row[f"sparsity_{name}"] = m.sparsity
+                row[f"avss_{name}"] = m.avss
                 for k in ("tokens", "samples", "elements", "near_zero", "nonfinite"):
                     row[f"{k}_{name}"] = r[k]
             vt, vh = row["variance_truthful"], row["variance_hallucinated"]

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .heads import HeadIntervention, intervene
+from .heads import HeadIntervention, intervene, valid_query_rows
 from .stats import chan_merge
 
 STATS = ("segment_mass", "entropy", "max_logit", "sink_mass")
@@ -60,22 +60,6 @@ class _Running:
         n_bi = n_b.to(torch.int64).expand(Hq)
         self.n, self.mean, self.m2 = chan_merge(self.n[:, None], self.mean, self.m2, n_bi[:, None], mean_b, m2_b)
         self.n = self.n[:, 0]
-
-
-def _valid_rows(mask: torch.Tensor | None, B: int, Sq: int, Sk: int) -> torch.Tensor | None:
-    """[B, Sq] bool: the query token of each row is real. A token always attends to itself
-    and a padding token's own key is masked out, so the mask's diagonal says which. The
-    diagonal sits at key ``i + offset``: ``offset = Sk - Sq`` with a dynamic cache, less with
-    a static one (Sk is the cache's length); it is read off the last query row's last allowed
-    key, on the device (no synchronisation)."""
-    if mask is None:
-        return None
-    if mask.dim() == 2:  # [B, Sk] key mask: one query row (decoding), real if it sees any key
-        return mask.to(torch.bool).any(-1, keepdim=True).expand(B, Sq)
-    last_row = mask[:, 0, -1, :].to(torch.bool).any(0)  # [Sk]
-    last = (Sk - 1) - last_row.flip(-1).to(torch.int8).argmax()  # the last query row's own key
-    rows = torch.arange(Sq, device=mask.device)
-    return mask[:, 0, rows, rows + (last - (Sq - 1))].to(torch.bool)
 
 
 class HeadScorer:
@@ -140,7 +124,7 @@ class HeadScorer:
         acc = self._acc.get(layer)
         if acc is None:
             acc = self._acc[layer] = _Running(values.shape[1], values.shape[-1], values.device)
-        acc.update(values, _valid_rows(mask, B, Sq, Sk))
+        acc.update(values, valid_query_rows(mask, B, Sq, Sk))
 
     def __enter__(self) -> "HeadScorer":
         self._ctx = intervene(self.model, self.intervention, layers_path=self.layers_path)

@@ -249,6 +249,22 @@ def shift_segment_starts(segment_starts, attention_mask: torch.Tensor) -> torch.
 # ----------------------------------------------------------------------------- the attention function
 
 
+def valid_query_rows(mask: torch.Tensor | None, B: int, Sq: int, Sk: int) -> torch.Tensor | None:
+    """[B, Sq] bool: the query token of each row is real. A token always attends to itself
+    and a padding token's own key is masked out, so the mask's diagonal says which. The
+    diagonal sits at key ``i + offset``: ``offset = Sk - Sq`` with a dynamic cache, less with
+    a static one (Sk is the cache's length); it is read off the last query row's last allowed
+    key, on the device (no synchronisation)."""
+    if mask is None:
+        return None
+    if mask.dim() == 2:  # [B, Sk] key mask: one query row (decoding), real if it sees any key
+        return mask.to(torch.bool).any(-1, keepdim=True).expand(B, Sq)
+    last_row = mask[:, 0, -1, :].to(torch.bool).any(0)  # [Sk]
+    last = (Sk - 1) - last_row.flip(-1).to(torch.int8).argmax()  # the last query row's own key
+    rows = torch.arange(Sq, device=mask.device)
+    return mask[:, 0, rows, rows + (last - (Sq - 1))].to(torch.bool)
+
+
 class InterventionRun:
     """What ``intervene`` yields: the per-layer plans and, in ``calls``, how many attention
     calls each layer made under the intervention (a layer named in the intervention with
@@ -306,31 +322,23 @@ class InterventionRun:
                    B: int, Sq: int, Sk: int) -> None:
         """Book-keeping after one attention call (device tensors only, no synchronisation):
         the adaptive rule's checked/fired rows, and the collector's statistics. Rows "last":
-        the last row of each sample; rows "all": the valid (non-padding) rows."""
+        the last row of each sample (counted on the host); rows "all": the valid rows."""
         if res.fired is not None:
-            on = self._rule_on.get(layer)
-            if on is None:
-                on = self._rule_on[layer] = args.rule_heads.to(torch.int64)  # [Hq] on the device
             fired = res.fired
             if self.plans[layer].rule.rows == "last":
-                rows = B
-                self._last_rows[layer] = self._last_rows.get(layer, 0) + B  # host count: no tensor op
-                self._fired[layer] = self._fired.get(layer, 0) + fired.sum((0, 2), dtype=torch.int64)
-                return self._collect(layer, res, mask, B, Sq, Sk)
+                self._last_rows[layer] = self._last_rows.get(layer, 0) + B
             else:
-                from .head_stats import _valid_rows
-
-                valid = _valid_rows(mask, B, Sq, Sk)
+                valid = valid_query_rows(mask, B, Sq, Sk)
                 if valid is None:
                     rows = B * Sq
                 else:
                     rows = valid.sum()
                     fired = fired * valid[:, None, :].to(fired.dtype)
-            self._checked[layer] = self._checked.get(layer, 0) + on * rows
+                on = self._rule_on.get(layer)
+                if on is None:
+                    on = self._rule_on[layer] = args.rule_heads.to(torch.int64)  # [Hq] on the device
+                self._checked[layer] = self._checked.get(layer, 0) + on * rows
             self._fired[layer] = self._fired.get(layer, 0) + fired.sum((0, 2), dtype=torch.int64)
-        self._collect(layer, res, mask, B, Sq, Sk)
-
-    def _collect(self, layer, res, mask, B, Sq, Sk) -> None:
         if self.collector is not None:
             self.collector._collect(layer, res, mask, B, Sq, Sk)
 

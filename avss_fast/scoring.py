@@ -255,10 +255,7 @@ class LayerReport:
             n = raw["elements"]
             var = m.pooled_variance
             spars = m.sparsity
-            if n > 0 and math.isfinite(var):
-                avss = var / max(spars, 1.0 / n)
-            else:
-                avss = math.nan
+            avss = m.avss
             rows.append(
                 dict(
                     layer=i,
@@ -371,16 +368,22 @@ def _accepts(fn, name: str) -> bool:
 
 
 @contextlib.contextmanager
-def _eval_no_grad(model: torch.nn.Module):
-    """Eval mode and no autograd for the body; the model's training flags restored after."""
+def _eval_mode(model: torch.nn.Module):
+    """Eval mode for the body; every module's training flag restored after."""
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with torch.inference_mode():
-            yield
+        yield
     finally:
         for m, t in modes.items():
             m.training = t
+
+
+@contextlib.contextmanager
+def _eval_no_grad(model: torch.nn.Module):
+    """Eval mode and no autograd for the body; the model's training flags restored after."""
+    with _eval_mode(model), torch.inference_mode():
+        yield
 
 
 def score_layers(

@@ -244,6 +244,14 @@ class Moments(_Accumulator):
         n = int(self.elements)
         return int(self.near_zero) / n if n else math.nan
 
+    @property
+    def avss(self) -> float:
+        """AVSS with the project's guard: ``pooled_variance / max(sparsity, 1 / elements)``
+        (a sparsity of 0 counts as one near-zero value); NaN without data."""
+        n = int(self.elements)
+        var = self.pooled_variance
+        return var / max(self.sparsity, 1.0 / n) if n > 0 and math.isfinite(var) else math.nan
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Similarity(_Accumulator):
