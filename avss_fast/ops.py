@@ -99,33 +99,6 @@ def check_sparsity_thresholds(sparsity_eps, sparsity_rel) -> None:
         raise ValueError(f"sparsity_rel must be None or a finite number > 0, got {sparsity_rel!r}")
 
 
-def _moments_from_partials(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float64 merge of the kernel's partial buffers into the packed Moments fields."""
-    from .stats import chan_reduce, pooled_variance_from_columns
-
-    zero = torch.zeros((), dtype=_F64, device=p["colsum"].device)
-    # AVSS pooled variance: per-sample token mean from the column partials (summed over splits).
-    samples, pooled = pooled_variance_from_columns(p["colsum"].sum(1), p["colcnt"].sum(1, dtype=_I64))
-    # Tokens: Chan merge of each token's hidden chunks, closed form, in float64.
-    rp = p["rowpart"].to(_F64)  # [B*T, C, 3]
-    n_c, mean_c, m2_c = rp[..., 0], rp[..., 1], rp[..., 2]
-    n_t = n_c.sum(1)
-    mu_t = (n_c * mean_c).sum(1) / n_t.clamp(min=1)
-    m2_t = m2_c.sum(1) + (n_c * (mean_c - mu_t[:, None]) ** 2).sum(1)
-    tok_ok = n_t >= 2
-    # Global moments over every (token, chunk) partial.
-    n, mean, m2 = chan_reduce(n_c.reshape(-1).to(_I64), mean_c.reshape(-1), m2_c.reshape(-1))
-    cnt = p["cnt"].to(_I64)
-    ints = torch.stack([samples, tok_ok.sum(), n, cnt[..., 0].sum(), cnt[..., 1].sum()])
-    flts = torch.stack([
-        pooled,
-        torch.where(tok_ok, m2_t / (n_t - 1).clamp(min=1), zero).sum(),
-        mean,
-        m2,
-    ])
-    return ints, flts
-
-
 def _eager_or_op(impl, op):
     """The custom op under ``torch.compile`` (it needs the registered op and its fake), the
     plain implementation in eager mode: the custom-op dispatch costs tens of microseconds
@@ -136,12 +109,11 @@ def _eager_or_op(impl, op):
 def _layer_moments_impl(hidden, attention_mask, sparsity_eps, sparsity_rel, backend):
     B, T, D = hidden.shape
     if backend == "triton":
-        from .kernels import layer_moments_partials
+        from .kernels import layer_moments_packed
 
         if B * T * D == 0:
             return fused_cpu.layer_moments_packed(hidden, attention_mask, sparsity_eps, sparsity_rel)
-        p = layer_moments_partials(hidden, attention_mask, sparsity_eps, sparsity_rel)
-        return _moments_from_partials(p)
+        return layer_moments_packed(hidden, attention_mask, sparsity_eps, sparsity_rel)
     if backend == "reference":
         m = reference.layer_moments(hidden, attention_mask, sparsity_eps=sparsity_eps, sparsity_rel=sparsity_rel)
         ints, flts = m.to(hidden.device)._pack()

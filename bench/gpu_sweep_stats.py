@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
-"""Tile sweep of the layer_moments kernel on a CUDA device (kernel alone, then the whole
-op with the float64 merge of partials), to pick the GPU tiling. From the repo root:
+"""Tile sweep of the layer_moments kernels on a CUDA device, to pick the GPU tiling:
+the one-read kernel alone over (BLOCK_T, BLOCK_D, num_warps, splits), then the whole
+device op (kernel + the float64 merge kernels) for the best few and for the default
+layout, next to a read-only torch reduction of the same tensor. From the repo root:
 
     python bench/gpu_sweep_stats.py [--out sweep.json]
 """
@@ -10,62 +12,79 @@ from __future__ import annotations
 import itertools
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_common import setup  # noqa: E402
 
+BUDGET_S = 140  # whole sweep; remaining configs are skipped (and said so) past it
+
 
 def main() -> int:
     args = setup(__doc__.splitlines()[0])
     import torch
     import triton
-    from avss_fast import ops
-    from avss_fast.kernels.layer_moments import layer_moments_partials
+    from avss_fast import ops, reference
+    from avss_fast.kernels.layer_moments import _gpu_layout, layer_moments_packed, layer_moments_partials
 
     dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
     B, T, D = 16, 4096, 4096
+    t_start = time.time()
     rows = []
+
+    def emit(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
     for dt in (torch.bfloat16, torch.float32):
         h = torch.randn(B, T, D, device=dev, dtype=dt)
         nbytes = h.numel() * h.element_size()
-        best = None
-        sms = torch.cuda.get_device_properties(dev).multi_processor_count
-        for bt, bd, nw, waves in itertools.product((4, 8, 16), (128, 256, 512), (2, 4, 8), (2, 8)):
-            if bt * bd > 8192:
+        gbps = lambda ms: round(nbytes / ms / 1e6, 1)  # noqa: E731
+        read_ms = triton.testing.do_bench(lambda: h.sum(dtype=torch.float32), warmup=3, rep=20)
+        emit({"dtype": str(dt), "torch_sum_read_ms": round(read_ms, 4), "torch_sum_GBps": gbps(read_ms)})
+        results = []
+        skipped = 0
+        per_dtype = BUDGET_S / 2
+        t_dtype = time.time()
+        for nw, bd, bt, waves in itertools.product((4, 8), (256, 512, 1024), (2, 4, 8, 16), (1, 2, 4)):
+            if bt * bd > 16384 or bt * bd < 32 * nw:
                 continue
-            splits = max(1, (waves * sms) // (B * triton.cdiv(D, bd)))
+            if time.time() - t_dtype > per_dtype:
+                skipped += 1
+                continue
+            splits = max(1, min(triton.cdiv(T, bt), (waves * 4 * sms) // (B * triton.cdiv(D, bd))))
             tiles = (bt, bd, nw, splits)
             try:
                 ms = triton.testing.do_bench(lambda: layer_moments_partials(h, None, 1e-5, None, tiles=tiles),
                                              warmup=3, rep=15)
             except Exception as e:  # noqa: BLE001 - out of resources for a tile: skip it
-                print(json.dumps({"tiles": list(tiles), "error": type(e).__name__}))
+                emit({"dtype": str(dt), "tiles": list(tiles), "error": f"{type(e).__name__}: {str(e)[:120]}"})
                 continue
-            row = {"dtype": str(dt), "tiles": list(tiles), "kernel_ms": round(ms, 4),
-                   "kernel_GBps": round(nbytes / ms / 1e6, 1)}
-            rows.append(row)
-            print(json.dumps(row))
-            if best is None or ms < best[0]:
-                best = (ms, tiles)
-        full = triton.testing.do_bench(lambda: ops.layer_moments(h), warmup=3, rep=20)
-        import avss_fast.kernels.layer_moments as lm
-
-        default_layout = lm._gpu_layout
-        lm._gpu_layout = lambda *a, _t=best[1]: _t  # the whole op with the best tiles
-        try:
-            full_best = triton.testing.do_bench(lambda: ops.layer_moments(h), warmup=3, rep=20)
-        finally:
-            lm._gpu_layout = default_layout
-        summary = {"dtype": str(dt), "default_tiles": list(default_layout(B, T, D, dev)),
-                   "best_tiles": best[1], "best_kernel_ms": round(best[0], 4),
-                   "best_kernel_GBps": round(nbytes / best[0] / 1e6, 1), "default_full_op_ms": round(full, 4),
-                   "default_full_op_GBps": round(nbytes / full / 1e6, 1),
-                   "best_full_op_ms": round(full_best, 4), "best_full_op_GBps": round(nbytes / full_best / 1e6, 1)}
-        print(json.dumps(summary))
-        rows.append(summary)
+            results.append((ms, tiles))
+            emit({"dtype": str(dt), "tiles": list(tiles), "kernel_ms": round(ms, 4), "kernel_GBps": gbps(ms)})
+        if skipped:
+            emit({"dtype": str(dt), "skipped_configs_over_time_budget": skipped})
+        results.sort()
+        default = _gpu_layout(B, T, D, dev)
+        for ms_k, tiles in results[:3] + [(None, default)]:
+            ms = triton.testing.do_bench(lambda: layer_moments_packed(h, None, 1e-5, None, tiles=tiles), warmup=3, rep=20)
+            emit({"dtype": str(dt), "tiles": list(tiles), "default": tiles == default, "whole_device_op_ms": round(ms, 4),
+                  "whole_device_op_GBps": gbps(ms)})
+        ms = triton.testing.do_bench(lambda: ops.layer_moments(h), warmup=3, rep=20)
+        emit({"dtype": str(dt), "ops.layer_moments_ms(default tiles, with Python)": round(ms, 4),
+              "GBps": gbps(ms), "torch_sum_GBps": gbps(read_ms)})
+        if results:  # correctness of the best tiles on a slice against the float64 reference
+            hs = h[:2, :512]
+            ints, flts = layer_moments_packed(hs, None, 1e-5, None, tiles=results[0][1])
+            got = type(reference.layer_moments(hs[:1, :1]))._unpack(ints, flts).to("cpu").raw()
+            ref = reference.layer_moments(hs).raw()
+            rel = {k: abs(got[k] - ref[k]) / max(abs(ref[k]), 1e-30) for k in ref}
+            emit({"dtype": str(dt), "best_tiles": list(results[0][1]), "max_rel_diff_vs_reference": max(rel.values())})
         del h
+    emit({"sweep_seconds": round(time.time() - t_start, 1)})
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
     return 0

@@ -1,23 +1,39 @@
-"""Fused one-read statistics of a layer's hidden states ``h[b, t, d]``.
+"""Fused one-read statistics of a layer's hidden states ``h[b, t, d]``, and the in-kernel
+merge of their partials into the packed ``Moments`` fields.
 
-Grid: (sample b, hidden chunk of BLOCK_D units, token split). A program walks its tokens
-in tiles of BLOCK_T rows, reading every value once and upcasting it to fp32 right after
-the load. A value takes part when its token is valid (``mask[b, t] != 0``) and it is
-finite (``|x| <= FLT_MAX``). Per tile it
+Three launches, none of which waits on the host:
 
-* accumulates, elementwise in registers (reduced once, at the end), the column sums and
-  counts of valid values (partials of the per-sample token mean used by the AVSS pooled
-  variance) and the near-zero counts;
-* computes, for each token, the count, mean and M2 = sum (h - mean)^2 of its values in
-  this hidden chunk (two-pass on the tile in registers) and stores them: the host side
-  merges a token's chunks with Chan's rule
-  ``mu = sum n_c mu_c / N``, ``M2 = sum M2_c + sum n_c (mu_c - mu)^2``,
-  which also gives the global (count, mean, M2);
-* counts non-finite values from the row counts (valid positions minus finite ones).
+1. ``_layer_moments_kernel``, grid (sample b, hidden chunk of BLOCK_D units, token split):
+   the one read of the activation. A program walks its tokens in tiles of BLOCK_T rows
+   (padding rows are not loaded) and per tile
 
-Nothing crosses warps inside the token loop, no atomics (every partial has its own slot,
-so results are deterministic), and partials are small next to the activation
-(3 floats per token and chunk; 2 words per column and split).
+   * adds the tile into elementwise column-sum registers (reduced once, at the end: the
+     partials of the per-sample token mean behind the AVSS pooled variance);
+   * counts near-zero values ``|h| < eps`` (padding rows get threshold 0: never counted);
+   * stores, for each token, the count, mean and M2 of its values in this hidden chunk
+     from shifted sums (shift ``K`` = the token's first value in the chunk, itself one of
+     the values, so ``s2 <= (n + 1) M2`` and the cancellation error stays below ~n ulp):
+     ``s1 = sum (h - K)``, ``s2 = sum (h - K)^2``, ``mean = K + s1 / n``,
+     ``M2 = s2 - s1^2 / n``.
+
+   This fast pass takes no per-value finiteness test: a NaN/Inf anywhere in the program's
+   range makes a row's ``s2`` or a column sum non-finite, and only then does the program
+   redo its range with the exact masked pass (``_exact_pass``: every value tested with
+   ``|x| <= FLT_MAX``, two-pass per-token M2, non-finite values counted and left out).
+   Results never depend on which pass ran beyond fp32 rounding.
+
+2. ``_finish_kernel``, grid (token blocks + sample x unit blocks): Chan-merges each
+   token's chunk partials in float64, ``mu = sum n_c mu_c / N``,
+   ``M2 = sum M2_c + sum n_c (mu_c - mu)^2``, and sums ``Var_d(h[b, t, :]) = M2 / (N - 1)``
+   over its tokens, with the block's (count, mean, M2); a (sample, units) program sums its
+   column partials over splits into the token mean of each unit, ``colsum / colcnt``, and
+   returns (units with values, mean, M2) of those means.
+3. ``_reduce_kernel``, one program: merges the block partials, each sample's unit
+   partials into ``Var_d`` of its token mean (unbiased), and the counts into the packed
+   fields ``ints = (samples, tokens, elements, near_zero, nonfinite)``,
+   ``flts = (pooled_var_sum, token_var_sum, mean, m2)``.
+
+Every partial has its own slot (no atomics), so results are deterministic run to run.
 
 The relative sparsity threshold (``|h| < rel * rms(h[b, t, :])``) needs each token's rms
 over all hidden units first: a row pre-pass (``_row_sumsq_kernel``) reads the activation
@@ -34,32 +50,17 @@ from ._common import FLT_MAX, kernel_mask, valid_rows
 
 
 @triton.jit
-def _layer_moments_kernel(
-    x_ptr, mask_ptr, thr_ptr,
-    colsum_ptr, colcnt_ptr, rowpart_ptr, cnt_ptr,
-    T, D, rows_per_split,
-    stride_xb, stride_xt, stride_mb, stride_mt,
-    eps,
-    HAS_MASK: tl.constexpr,
-    USE_THR: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+def _exact_pass(
+    x_ptr, mask_ptr, thr_ptr, rowpart_ptr, b, dc, n_dc, T, t_begin, t_end, offs_d, in_d,
+    stride_xb, stride_xt, stride_mb, stride_mt, eps,
+    HAS_MASK: tl.constexpr, USE_THR: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    dc = tl.program_id(1).to(tl.int64)
-    sp = tl.program_id(2).to(tl.int64)
-    n_dc = tl.num_programs(1).to(tl.int64)
-    n_sp = tl.num_programs(2).to(tl.int64)
-    offs_d = dc * BLOCK_D + tl.arange(0, BLOCK_D)
-    in_d = offs_d < D
-    t_begin = sp * rows_per_split
-    t_end = tl.minimum(T, t_begin + rows_per_split)
-
+    """The program's range again with every value tested: (column sums, column counts,
+    near-zero count, non-finite count); rewrites the per-token chunk partials."""
     col_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     col_cnt = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)
     nz_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)
-    n_ok = tl.zeros([BLOCK_T], dtype=tl.int32)
-    n_fin = tl.zeros([BLOCK_T], dtype=tl.int32)
+    n_bad = tl.zeros([BLOCK_T], dtype=tl.int32)
     for t0 in range(t_begin, t_end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         in_t = offs_t < t_end
@@ -76,25 +77,225 @@ def _layer_moments_kernel(
         n = n_i.to(tl.float32)
         mean = tl.sum(xz, axis=1) / tl.maximum(n, 1.0)
         dev = tl.where(v, x - mean[:, None], 0.0)
-        m2 = tl.sum(dev * dev, axis=1)
         rp = rowpart_ptr + ((b * T + offs_t) * n_dc + dc) * 3
         tl.store(rp, n, mask=in_t)
         tl.store(rp + 1, mean, mask=in_t)
-        tl.store(rp + 2, m2, mask=in_t)
+        tl.store(rp + 2, tl.sum(dev * dev, axis=1), mask=in_t)
         if USE_THR:
             thr = tl.load(thr_ptr + b * T + offs_t, mask=in_t, other=0.0)[:, None]
         else:
             thr = eps
         nz_acc += (v & (tl.abs(x) < thr)).to(tl.int32)
-        n_ok += tl.sum(ok.to(tl.int32), axis=1)
-        n_fin += n_i
+        n_bad += tl.sum(ok.to(tl.int32), axis=1) - n_i
+    nz = tl.sum(tl.sum(nz_acc, axis=1), axis=0)
+    return tl.sum(col_acc, axis=0), tl.sum(col_cnt, axis=0), nz, tl.sum(n_bad, axis=0)
 
+
+@triton.jit
+def _layer_moments_kernel(
+    x_ptr, mask_ptr, thr_ptr,
+    colsum_ptr, colcnt_ptr, rowpart_ptr, cnt_ptr,
+    T, D, rows_per_split,
+    stride_xb, stride_xt, stride_mb, stride_mt,
+    eps,
+    HAS_MASK: tl.constexpr,
+    USE_THR: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    dc = tl.program_id(1).to(tl.int64)
+    sp = tl.program_id(2).to(tl.int64)
+    n_dc = tl.num_programs(1).to(tl.int64)
+    n_sp = tl.num_programs(2).to(tl.int64)
+    d0 = dc * BLOCK_D
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    in_d = offs_d < D
+    n_chunk = tl.minimum(D - d0, BLOCK_D).to(tl.float32)  # values per valid row in this chunk
+    t_begin = sp * rows_per_split
+    t_end = tl.minimum(T, t_begin + rows_per_split)
+
+    col_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    nz_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)
+    n_rows = tl.zeros([BLOCK_T], dtype=tl.int32)
+    bad = tl.zeros([BLOCK_T], dtype=tl.int32)
+    for t0 in range(t_begin, t_end, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        in_t = offs_t < t_end
+        row_ok = valid_rows(mask_ptr, b, offs_t, in_t, stride_mb, stride_mt, HAS_MASK)
+        row_ptr = x_ptr + b * stride_xb + offs_t * stride_xt
+        if EVEN_D:
+            x = tl.load(row_ptr[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        else:
+            x = tl.load(row_ptr[:, None] + offs_d[None, :], mask=row_ok[:, None] & in_d[None, :], other=0.0)
+        x = x.to(tl.float32)
+        shift = tl.load(row_ptr + d0, mask=row_ok, other=0.0).to(tl.float32)
+        dev = x - shift[:, None]
+        if not EVEN_D:
+            dev = tl.where(in_d[None, :], dev, 0.0)
+        s1 = tl.sum(dev, axis=1)
+        s2 = tl.sum(dev * dev, axis=1)
+        n = tl.where(row_ok, n_chunk, 0.0)
+        inv_n = 1.0 / tl.maximum(n, 1.0)
+        rp = rowpart_ptr + ((b * T + offs_t) * n_dc + dc) * 3
+        tl.store(rp, n, mask=in_t)
+        tl.store(rp + 1, shift + s1 * inv_n, mask=in_t)
+        tl.store(rp + 2, tl.maximum(s2 - s1 * s1 * inv_n, 0.0), mask=in_t)
+        bad += (~(s2 <= FLT_MAX)).to(tl.int32)  # NaN or Inf in the row (padding rows: s2 = 0)
+        col_acc += x
+        if USE_THR:
+            thr = tl.load(thr_ptr + b * T + offs_t, mask=in_t, other=0.0)
+        else:
+            thr = eps
+        thr_row = tl.where(row_ok, thr, 0.0)  # |x| < 0 never holds: padding is not counted
+        near = tl.abs(x) < thr_row[:, None]
+        if not EVEN_D:
+            near = near & in_d[None, :]
+        nz_acc += near.to(tl.int32)
+        n_rows += row_ok.to(tl.int32)
+
+    col_sum = tl.sum(col_acc, axis=0)
+    col_cnt = tl.zeros([BLOCK_D], dtype=tl.int32) + tl.sum(n_rows, axis=0)
+    nz = tl.sum(tl.sum(nz_acc, axis=1), axis=0)
+    nonfinite = nz * 0
+    n_bad = tl.sum(bad, axis=0) + tl.sum((~(tl.abs(col_sum) <= FLT_MAX)).to(tl.int32), axis=0)
+    if n_bad > 0:  # rare: a NaN/Inf (or an fp32 overflow) in this range, redo it exactly
+        tl.debug_barrier()  # the fast pass's stores to the row partials land first
+        col_sum, col_cnt, nz, nonfinite = _exact_pass(
+            x_ptr, mask_ptr, thr_ptr, rowpart_ptr, b, dc, n_dc, T, t_begin, t_end, offs_d, in_d,
+            stride_xb, stride_xt, stride_mb, stride_mt, eps,
+            HAS_MASK, USE_THR, BLOCK_T, BLOCK_D,
+        )
     slot = b * n_sp + sp
-    tl.store(colsum_ptr + slot * D + offs_d, tl.sum(col_acc, axis=0), mask=in_d)
-    tl.store(colcnt_ptr + slot * D + offs_d, tl.sum(col_cnt, axis=0), mask=in_d)
+    tl.store(colsum_ptr + slot * D + offs_d, col_sum, mask=in_d)
+    tl.store(colcnt_ptr + slot * D + offs_d, col_cnt, mask=in_d)
     c = cnt_ptr + ((b * n_dc + dc) * n_sp + sp) * 2
-    tl.store(c, tl.sum(tl.sum(nz_acc, axis=1), axis=0))
-    tl.store(c + 1, tl.sum(n_ok - n_fin, axis=0))
+    tl.store(c, nz)
+    tl.store(c + 1, nonfinite)
+
+
+@triton.jit
+def _finish_kernel(
+    rowpart_ptr, colsum_ptr, colcnt_ptr, tok_ptr, samp_ptr,
+    R, C, D, S, n_tok_blocks, n_col_blocks,
+    BLOCK_R: tl.constexpr, BLOCK_CC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if pid < n_tok_blocks:
+        # tokens: Chan merge of each token's C chunk partials (closed form, one load of the
+        # block's contiguous [BLOCK_R, C, 3] partials), then the block's sums
+        offs_r = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        offs_c = tl.arange(0, BLOCK_CC)
+        ok = (offs_r < R)[:, None] & (offs_c < C)[None, :]
+        p = rowpart_ptr + (offs_r[:, None] * C + offs_c[None, :]) * 3
+        n_c = tl.load(p, mask=ok, other=0.0).to(tl.float64)
+        mu_c = tl.load(p + 1, mask=ok, other=0.0).to(tl.float64)
+        m2_c = tl.load(p + 2, mask=ok, other=0.0).to(tl.float64)
+        n_t = tl.sum(n_c, axis=1)
+        mu_t = tl.sum(n_c * mu_c, axis=1) / tl.maximum(n_t, 1.0)
+        dc = tl.where(n_c > 0, mu_c - mu_t[:, None], 0.0)
+        m2_t = tl.sum(m2_c + n_c * dc * dc, axis=1)
+        tok_ok = n_t >= 2.0
+        var_t = tl.where(tok_ok, m2_t / tl.maximum(n_t - 1.0, 1.0), 0.0)
+        n_blk = tl.sum(n_t, axis=0)
+        mu_blk = tl.sum(n_t * mu_t, axis=0) / tl.maximum(n_blk, 1.0)
+        dev = tl.where(n_t > 0, mu_t - mu_blk, 0.0)
+        m2_blk = tl.sum(m2_t + n_t * dev * dev, axis=0)
+        o = tok_ptr + pid * 5
+        tl.store(o, n_blk)
+        tl.store(o + 1, mu_blk)
+        tl.store(o + 2, m2_blk)
+        tl.store(o + 3, tl.sum(var_t, axis=0))
+        tl.store(o + 4, tl.sum(tok_ok.to(tl.float64), axis=0))
+    else:
+        # (sample b, BLOCK_C hidden units): the token mean of each unit (column sums and
+        # counts summed over splits), then (units kept, mean, M2) of those means
+        q = pid - n_tok_blocks
+        b = (q // n_col_blocks).to(tl.int64)
+        offs_d = (q % n_col_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+        in_d = offs_d < D
+        cs = tl.zeros([BLOCK_C], dtype=tl.float64)
+        cc = tl.zeros([BLOCK_C], dtype=tl.int64)
+        for s0 in range(0, S, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            base = (b * S + offs_s[:, None]) * D + offs_d[None, :]
+            ok = (offs_s < S)[:, None] & in_d[None, :]
+            cs += tl.sum(tl.load(colsum_ptr + base, mask=ok, other=0.0).to(tl.float64), axis=0)
+            cc += tl.sum(tl.load(colcnt_ptr + base, mask=ok, other=0).to(tl.int64), axis=0)
+        keep = cc > 0
+        mean_d = tl.where(keep, cs / tl.maximum(cc, 1).to(tl.float64), 0.0)
+        k = tl.sum(keep.to(tl.float64), axis=0)
+        mu = tl.sum(mean_d, axis=0) / tl.maximum(k, 1.0)
+        dv = tl.where(keep, mean_d - mu, 0.0)
+        o = samp_ptr + q * 3
+        tl.store(o, k)
+        tl.store(o + 1, mu)
+        tl.store(o + 2, tl.sum(dv * dv, axis=0))
+
+
+@triton.jit
+def _reduce_kernel(
+    tok_ptr, samp_ptr, cnt_ptr, ints_ptr, flts_ptr, P, B, NCB, NC,
+    BLOCK: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_NCB: tl.constexpr,
+):
+    """One program: the packed Moments fields from the token-block, sample and count
+    partials (Chan merges in closed form, float64)."""
+    offs = tl.arange(0, BLOCK)
+    n_acc = tl.zeros([BLOCK], dtype=tl.float64)
+    s_acc = tl.zeros([BLOCK], dtype=tl.float64)
+    tv_acc = tl.zeros([BLOCK], dtype=tl.float64)
+    tk_acc = tl.zeros([BLOCK], dtype=tl.float64)
+    for p0 in range(0, P, BLOCK):
+        i = p0 + offs
+        ok = i < P
+        n = tl.load(tok_ptr + i * 5, mask=ok, other=0.0)
+        n_acc += n
+        s_acc += n * tl.load(tok_ptr + i * 5 + 1, mask=ok, other=0.0)
+        tv_acc += tl.load(tok_ptr + i * 5 + 3, mask=ok, other=0.0)
+        tk_acc += tl.load(tok_ptr + i * 5 + 4, mask=ok, other=0.0)
+    n_tot = tl.sum(n_acc, axis=0)
+    mu = tl.sum(s_acc, axis=0) / tl.maximum(n_tot, 1.0)
+    m2_acc = tl.zeros([BLOCK], dtype=tl.float64)
+    for p0 in range(0, P, BLOCK):
+        i = p0 + offs
+        ok = i < P
+        n = tl.load(tok_ptr + i * 5, mask=ok, other=0.0)
+        dv = tl.where(n > 0, tl.load(tok_ptr + i * 5 + 1, mask=ok, other=0.0) - mu, 0.0)
+        m2_acc += tl.load(tok_ptr + i * 5 + 2, mask=ok, other=0.0) + n * dv * dv
+    # samples: merge each sample's unit-chunk partials, unbiased variance over its units
+    offs_j = tl.arange(0, BLOCK_NCB)
+    hv = tl.zeros([BLOCK_B], dtype=tl.float64)
+    pv = tl.zeros([BLOCK_B], dtype=tl.float64)
+    for b0 in range(0, B, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        ok = (offs_b < B)[:, None] & (offs_j < NCB)[None, :]
+        o = samp_ptr + (offs_b[:, None] * NCB + offs_j[None, :]) * 3
+        k = tl.load(o, mask=ok, other=0.0)
+        m = tl.load(o + 1, mask=ok, other=0.0)
+        kb = tl.sum(k, axis=1)
+        mb = tl.sum(k * m, axis=1) / tl.maximum(kb, 1.0)
+        dv = tl.where(k > 0, m - mb[:, None], 0.0)
+        m2b = tl.sum(tl.load(o + 2, mask=ok, other=0.0) + k * dv * dv, axis=1)
+        has_var = kb >= 2.0
+        hv += has_var.to(tl.float64)
+        pv += tl.where(has_var, m2b / tl.maximum(kb - 1.0, 1.0), 0.0)
+    nz_acc = tl.zeros([BLOCK], dtype=tl.int64)
+    nf_acc = tl.zeros([BLOCK], dtype=tl.int64)
+    for c0 in range(0, NC, BLOCK):
+        i = c0 + offs
+        ok = i < NC
+        nz_acc += tl.load(cnt_ptr + i * 2, mask=ok, other=0).to(tl.int64)
+        nf_acc += tl.load(cnt_ptr + i * 2 + 1, mask=ok, other=0).to(tl.int64)
+    tl.store(ints_ptr, tl.sum(hv, axis=0).to(tl.int64))
+    tl.store(ints_ptr + 1, tl.sum(tk_acc, axis=0).to(tl.int64))
+    tl.store(ints_ptr + 2, n_tot.to(tl.int64))
+    tl.store(ints_ptr + 3, tl.sum(nz_acc, axis=0))
+    tl.store(ints_ptr + 4, tl.sum(nf_acc, axis=0))
+    tl.store(flts_ptr, tl.sum(pv, axis=0))
+    tl.store(flts_ptr + 1, tl.sum(tv_acc, axis=0))
+    tl.store(flts_ptr + 2, mu)
+    tl.store(flts_ptr + 3, tl.sum(m2_acc, axis=0))
 
 
 @triton.jit
@@ -139,12 +340,12 @@ def layer_moments_partials(
     *,
     tiles: tuple[int, int, int, int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Launch the kernel on ``hidden`` [B, T, D] and return its partial buffers.
+    """Launch the one-read kernel on ``hidden`` [B, T, D] and return its partial buffers.
 
     ``colsum`` [B, S, D] fp32 and ``colcnt`` [B, S, D] int32 (per token split S),
     ``rowpart`` [B*T, C, 3] fp32 (count, mean, M2 of each token in each of C hidden chunks),
     ``cnt`` [B, C, S, 2] int32 (near_zero, nonfinite). ``attention_mask`` must be [B, T].
-    ``tiles`` = (BLOCK_T, BLOCK_D, num_warps, splits) overrides the layout (benchmarks).
+    ``tiles`` = (BLOCK_T, BLOCK_D, num_warps, splits) overrides the layout (benchmarks, tests).
     """
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, D], got shape {tuple(hidden.shape)}")
@@ -181,7 +382,60 @@ def layer_moments_partials(
         hidden, mask, thr, colsum, colcnt, rowpart, cnt,
         T, D, rows_per_split, hidden.stride(0), hidden.stride(1), smb, smt,
         float(sparsity_eps),
-        HAS_MASK=has_mask, USE_THR=sparsity_rel is not None,
+        HAS_MASK=has_mask, USE_THR=sparsity_rel is not None, EVEN_D=D % BLOCK_D == 0,
         BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=num_warps,
     )
     return dict(colsum=colsum, colcnt=colcnt, rowpart=rowpart, cnt=cnt)
+
+
+#: Tile limits of the merge kernels (tests shrink them to make every loop run more than once):
+#: tile = token block x chunks, units per (sample, units) program, splits per load, reduce block.
+_MERGE_BLOCKS = {
+    "cpu": dict(tile=16384, units=4096, splits=64, reduce=1024, warps=1),  # interpreter: few programs
+    "gpu": dict(tile=4096, units=256, splits=16, reduce=1024, warps=4),
+}
+
+
+def reduce_moment_partials(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge :func:`layer_moments_partials`' buffers on the device, in float64, into the
+    packed fields ``ints`` (int64 [5]) and ``flts`` (float64 [4]) of ``Moments``."""
+    colsum, colcnt, rowpart, cnt = p["colsum"], p["colcnt"], p["rowpart"], p["cnt"]
+    B, S, D = colsum.shape
+    R, C, _ = rowpart.shape
+    dev = colsum.device
+    lim = _MERGE_BLOCKS["cpu" if dev.type == "cpu" else "gpu"]
+    block_cc = triton.next_power_of_2(C)
+    block_r = max(1, min(lim["tile"] // block_cc, triton.next_power_of_2(R)))
+    block_c = min(lim["units"], triton.next_power_of_2(D))
+    block_s = min(lim["splits"], triton.next_power_of_2(S))
+    n_tok, n_col = triton.cdiv(R, block_r), triton.cdiv(D, block_c)
+    tok = torch.empty((n_tok, 5), dtype=torch.float64, device=dev)
+    samp = torch.empty((B * n_col, 3), dtype=torch.float64, device=dev)
+    _finish_kernel[(n_tok + B * n_col,)](
+        rowpart, colsum, colcnt, tok, samp, R, C, D, S, n_tok, n_col,
+        BLOCK_R=block_r, BLOCK_CC=block_cc, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=lim["warps"],
+    )
+    ints = torch.empty(5, dtype=torch.int64, device=dev)
+    flts = torch.empty(4, dtype=torch.float64, device=dev)
+    nc = cnt.numel() // 2
+    block_ncb = triton.next_power_of_2(n_col)
+    _reduce_kernel[(1,)](
+        tok, samp, cnt, ints, flts, n_tok, B, n_col, nc,
+        BLOCK=min(lim["reduce"], triton.next_power_of_2(max(n_tok, nc))),
+        BLOCK_B=max(1, min(triton.next_power_of_2(B), lim["reduce"] // block_ncb)), BLOCK_NCB=block_ncb,
+        num_warps=lim["warps"],
+    )
+    return ints, flts
+
+
+def layer_moments_packed(
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    sparsity_eps: float,
+    sparsity_rel: float | None,
+    *,
+    tiles: tuple[int, int, int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole op on the device: one read of ``hidden``, then the in-kernel merge.
+    Returns ``(ints, flts)`` as :func:`reduce_moment_partials`."""
+    return reduce_moment_partials(layer_moments_partials(hidden, attention_mask, sparsity_eps, sparsity_rel, tiles=tiles))

@@ -50,6 +50,27 @@ def test_layer_moments_cuda_matches_reference(dtype, shape):
     assert rel.raw()["near_zero"] == reference.layer_moments(h, mask, sparsity_rel=0.05).raw()["near_zero"]
 
 
+@pytest.mark.parametrize("tiles", [(2, 1024, 4, 8), (4, 512, 8, 3), (16, 256, 8, 2), (8, 256, 4, 40)], ids=str)
+def test_layer_moments_cuda_layouts_and_exact_pass(tiles, monkeypatch):
+    """GPU twin of test_ops' kernel-layout tests: tile layouts the sweep tries, a NaN that
+    sends one program through the exact pass, a massive activation as a shift, and the
+    merge kernels with shrunk blocks (every loop more than once)."""
+    import avss_fast.kernels.layer_moments as lm
+    from avss_fast.stats import Moments
+
+    h = _act((3, 70, 2100), torch.bfloat16, seed=5)
+    h[0, :, 0] = 3000.0
+    h[2, 40, 1500] = float("nan")
+    mask = torch.ones(3, 70, dtype=torch.long)
+    mask[1, 50:] = 0
+    ref = reference.layer_moments(h, mask)
+    for blocks in (None, dict(tile=16, units=64, splits=2, reduce=8, warps=4)):
+        if blocks:
+            monkeypatch.setitem(lm._MERGE_BLOCKS, "gpu", blocks)
+        ints, flts = lm.layer_moments_packed(h.cuda(), mask.cuda(), 1e-5, None, tiles=tiles)
+        assert_moments_close(Moments._unpack(ints, flts).to("cpu"), ref, rtol=2e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_block_similarity_cuda_matches_reference(dtype):
     a = _act((4, 257, 1024), dtype, 1)

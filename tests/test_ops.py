@@ -268,3 +268,73 @@ def test_moments_field_types():
     assert isinstance(m, Moments)
     for k in ("samples", "tokens", "elements", "near_zero", "nonfinite"):
         assert getattr(m, k).dtype == torch.int64
+
+
+# ----------------------------------------------------------------------------- Triton layer_moments layouts
+
+
+def _triton_moments(h, mask=None, *, tiles, sparsity_rel=None):
+    from avss_fast.kernels.layer_moments import layer_moments_packed
+
+    ints, flts = layer_moments_packed(h, mask, 1e-5, sparsity_rel, tiles=tiles)
+    return Moments._unpack(ints, flts)
+
+
+@pytest.mark.parametrize("tiles", [(4, 16, 1, 3), (8, 32, 1, 1), (2, 64, 1, 5)], ids=str)
+def test_kernel_layouts_match_reference(tiles):
+    """Several hidden chunks (one ragged), token splits and padding, with tiles small
+    enough that every program runs several tiles: the fast pass on finite data."""
+    h = _activations((3, 29, 70), torch.float32, seed=21)
+    mask = torch.ones(3, 29)
+    mask[0, 20:] = 0
+    mask[2, :7] = 0
+    h[0, 22:] = 1e30  # garbage under padding is never read
+    ref = reference.layer_moments(h, mask)
+    assert_moments_close(_triton_moments(h, mask, tiles=tiles), ref, rtol=2e-5, atol=1e-7)
+    ref_rel = reference.layer_moments(h, mask, sparsity_rel=0.05)
+    got_rel = _triton_moments(h, mask, tiles=tiles, sparsity_rel=0.05)
+    assert got_rel.raw()["near_zero"] == ref_rel.raw()["near_zero"] > 0
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "overflow"])
+def test_kernel_exact_pass_only_where_needed(bad):
+    """A non-finite value (or a column sum past fp32's range) sends its program through
+    the exact pass, which alone counts non-finite values; the result equals the reference."""
+    h = _activations((2, 40, 64), torch.float32, seed=22)
+    if bad == "overflow":  # finite values whose column sum is past FLT_MAX
+        h[1, 0:4, 5] = 3e38
+    else:
+        h[1, 17, 33] = float(bad)
+    ref = reference.layer_moments(h)
+    got = _triton_moments(h, tiles=(4, 16, 1, 4))
+    fields = ["samples", "tokens", "elements", "near_zero", "nonfinite", "pooled_var_sum", "token_var_sum", "mean", "m2"]
+    if bad == "overflow":  # the fp32 kernel cannot hold these sums; the counts stay exact
+        fields = ["samples", "tokens", "elements", "near_zero", "nonfinite"]
+    assert_moments_close(got, ref, rtol=2e-5, atol=1e-7, fields=fields)
+    assert got.raw()["nonfinite"] == (0 if bad == "overflow" else 1)
+
+
+def test_kernel_shift_keeps_outliers_accurate():
+    """Per-token M2 from shifted sums: a massive activation at the chunk's first unit (the
+    shift itself) and tokens whose mean is far from 0 stay within fp32 accumulation error."""
+    g = torch.Generator().manual_seed(23)
+    h = torch.randn(2, 16, 256, generator=g)
+    h[0, :, 0] = 3000.0  # massive activation, the shift of every token of chunk 0
+    h[1] += 1000.0  # mean >> std
+    ref = reference.layer_moments(h)
+    for tiles in [(4, 64, 1, 1), (16, 256, 1, 1)]:
+        assert_moments_close(_triton_moments(h, tiles=tiles), ref, rtol=2e-5, atol=1e-7)
+
+
+def test_kernel_merge_loops(monkeypatch):
+    """The float64 merge kernels with blocks shrunk so that every loop (token blocks,
+    unit blocks, splits, samples, counts) runs several times."""
+    import avss_fast.kernels.layer_moments as lm
+
+    monkeypatch.setitem(lm._MERGE_BLOCKS, "cpu", dict(tile=16, units=8, splits=2, reduce=4, warps=1))
+    h = _activations((7, 23, 37), torch.float32, seed=24)
+    mask = torch.ones(7, 23)
+    mask[3, 5:] = 0
+    mask[5] = 0
+    ref = reference.layer_moments(h, mask)
+    assert_moments_close(_triton_moments(h, mask, tiles=(2, 16, 1, 5)), ref, rtol=2e-5, atol=1e-7)
