@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_common import setup  # noqa: E402
 
-BUDGET_S = 140  # whole sweep; remaining configs are skipped (and said so) past it
+BUDGET_S = float(os.environ.get("AVSS_SWEEP_BUDGET_S", "140"))  # whole sweep; later configs are skipped (and said so)
 
 
 def main() -> int:

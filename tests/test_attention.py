@@ -267,3 +267,190 @@ def test_head_stats_low_precision_entropy_is_accurate(backend):
     _, _, stats = masked_attention(q, k, v, scaling=32**-0.5, return_head_stats=True)
     ref = reference.masked_attention_outputs(q, k, v, scaling=32**-0.5, compute_dtype=torch.float64)["stats"]
     assert (stats[..., 0].double() - ref[..., 0]).abs().max() < 1e-3
+
+
+# ----------------------------------------------------------------------------- kernel work layout
+# The Triton kernel splits each query block's keys into an unmasked phase (blocks inside Sk and
+# at or below the causal diagonal for every row) and a masked one, keeps segment masses only
+# when needed, and with the rule on the last row runs the block holding row Sq - 1 as a second
+# launch (or a branch of one launch). Small tiles put several blocks through both phases; every
+# output is checked against the float64 materialised reference.
+
+# name: (Sq, Sk, causal, mask)
+LAYOUT_CASES = {
+    "prefill": (50, 50, True, None),
+    "prefill_ragged": (37, 37, True, None),  # Sq not a multiple of BLOCK_M
+    "chunked": (21, 50, True, None),  # bottom-right causal, Sq != Sk
+    "chunked_keys": (27, 61, True, "keys"),
+    "prefill_keys": (50, 50, True, "keys"),  # left padding past the first key block: empty rows
+    "full_mask": (45, 50, True, "full"),
+    "noncausal_tail": (19, 50, False, None),  # Sk tail block
+    "decode": (1, 50, True, None),
+    "more_queries_than_keys": (40, 30, True, None),  # early rows see no key
+}
+LAYOUT_TILES = [(16, 16, 1, 1), (32, 16, 1, 1), (16, 32, 1, 1)]
+
+
+def _layout_inputs(Sq, Sk, causal, mask, *, rows, nseg=3, rule_segment=None, seed=0):
+    B, Hq, Hkv, D = 2, 4, 2, 16
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Sq, D, generator=g)
+    k = torch.randn(B, Hkv, Sk, D, generator=g) * torch.linspace(0.5, 2.0, Sk)[None, None, :, None]
+    v = torch.randn(B, Hkv, Sk, D, generator=g)
+    key_mask = full_mask = ref_mask = None
+    if mask == "keys":
+        key_mask = torch.ones(B, Sk, dtype=torch.int8)
+        key_mask[1, :21] = 0
+        key_mask[0, Sk - 5 : Sk - 2] = 0
+        ref_mask = key_mask.bool()[:, None, None, :]
+    elif mask == "full":
+        full_mask = (torch.rand(B, 1, Sq, Sk, generator=g) > 0.3).to(torch.int8)
+        full_mask[0, 0, 3] = 0  # a row with no allowed key
+        full_mask[1, 0, 5, :35] = 0  # first allowed key past the first key blocks
+        ref_mask = full_mask.bool()
+    starts = torch.tensor([[0, Sk // 5, Sk // 2, Sk - 4][:nseg], [0, 3, 2 * Sk // 3, Sk - 9][:nseg]], dtype=torch.int32)
+    scale = torch.rand(B, Hq, nseg, generator=g) + 0.5
+    gate = torch.rand(B, Hq, generator=g) + 0.5
+    heads = (0, 3)
+    r = nseg - 1 if rule_segment is None else rule_segment
+    common = dict(scaling=0.3, causal=causal, segment_starts=starts, segment_scale=scale, head_gate=gate)
+    # a threshold midway between two covered rule-segment masses: some fire, some do not
+    mass_r = reference.masked_attention_outputs(q, k, v, attention_mask=ref_mask, compute_dtype=torch.float64,
+                                                **common)["mass"][..., r]
+    covered = mass_r[:, list(heads)]
+    if rows == "last":
+        covered = covered[..., -1]
+    vals = torch.sort(covered.flatten().unique()).values
+    mid = max(1, vals.numel() // 2)
+    threshold = float((vals[mid - 1] + vals[min(mid, vals.numel() - 1)]) / 2)
+    if nseg == 1:  # the one segment holds all the mass (1 up to rounding): a clear threshold
+        threshold = 0.5
+    rule = AttentionRule(heads, r, threshold, 0.25, rows)
+    ref = reference.masked_attention_outputs(q, k, v, attention_mask=ref_mask, adaptive=rule,
+                                             compute_dtype=torch.float64, **common)
+    kw = dict(common, key_mask=key_mask, full_mask=full_mask,
+              rule_heads=torch.tensor([1 if h in heads else 0 for h in range(Hq)], dtype=torch.int8),
+              rule_segment=r, threshold=threshold, rule_scale=0.25, last_row_only=rows == "last")
+    return q, k, v, kw, ref
+
+
+def _check_layout(res, ref, *, with_mass=True, with_stats=True):
+    out, mass, stats, fired = res
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref["out"].double(), rtol=1e-5, atol=2e-5)
+    assert torch.equal(fired, ref["fired"])
+    if with_mass:
+        torch.testing.assert_close(mass.double(), ref["mass"].double(), rtol=1e-5, atol=1e-5)
+    if with_stats:
+        st, rs = stats.double(), ref["stats"].double()
+        torch.testing.assert_close(st[..., 0], rs[..., 0], rtol=1e-4, atol=1e-4, msg=lambda m: "entropy: " + m)
+        torch.testing.assert_close(st[..., 1], rs[..., 1], rtol=1e-5, atol=1e-4, msg=lambda m: "max logit: " + m)
+        torch.testing.assert_close(st[..., 2], rs[..., 2], rtol=1e-5, atol=1e-5, msg=lambda m: "sink: " + m)
+
+
+@pytest.mark.parametrize("tiles", LAYOUT_TILES, ids=lambda t: "x".join(map(str, t)))
+@pytest.mark.parametrize("rows", ["last", "all"])
+@pytest.mark.parametrize("case", list(LAYOUT_CASES))
+def test_kernel_phase_split_against_reference(case, rows, tiles):
+    """Every output of the kernel, with tiles small enough that several key blocks run the
+    unmasked phase and several the masked one (two launches with rows='last')."""
+    from avss_fast.kernels.masked_attention import masked_attention_fwd
+
+    Sq, Sk, causal, mask = LAYOUT_CASES[case]
+    q, k, v, kw, ref = _layout_inputs(Sq, Sk, causal, mask, rows=rows)
+    res = masked_attention_fwd(q, k, v, tiles=tiles, return_segment_mass=True, return_head_stats=True,
+                               return_rule_fired=True, **kw)
+    _check_layout(res, ref)
+    assert ref["fired"].any()
+    if case in ("prefill_keys", "full_mask", "more_queries_than_keys"):
+        assert torch.isinf(ref["stats"][..., 1]).any()  # the case really has rows with no allowed key
+    # the default (interpreter) tiles agree
+    out_default = masked_attention_fwd(q, k, v, return_segment_mass=False, **kw)[0]
+    torch.testing.assert_close(out_default, res[0], rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("nseg,rule_segment", [(1, 0), (2, 0), (3, 1), (4, 3)])
+@pytest.mark.parametrize("rows", ["last", "all"])
+def test_kernel_rule_without_mass_output(nseg, rule_segment, rows):
+    """The rule alone keeps only its segment's running mass (one segment: l itself); with and
+    without the other outputs the attention output and decisions are the same."""
+    from avss_fast.kernels.masked_attention import masked_attention_fwd
+
+    q, k, v, kw, ref = _layout_inputs(50, 50, True, None, rows=rows, nseg=nseg, rule_segment=rule_segment, seed=4)
+    res = masked_attention_fwd(q, k, v, tiles=(16, 16, 1, 1), return_segment_mass=False, return_rule_fired=True, **kw)
+    assert res[1] is None and res[2] is None
+    _check_layout(res, ref, with_mass=False, with_stats=False)
+    full = masked_attention_fwd(q, k, v, tiles=(16, 16, 1, 1), return_segment_mass=True, return_head_stats=True,
+                                return_rule_fired=True, **kw)
+    assert torch.equal(full[0], res[0]) and torch.equal(full[3], res[3])
+    assert ref["fired"].any()
+
+
+def test_kernel_tiles_override_and_default(monkeypatch):
+    """``tiles=`` reaches the kernel (several query blocks: the rule's block runs alone), bad
+    tiles are refused, and the GPU default lives in one function."""
+    import avss_fast.kernels.masked_attention as km
+
+    q, k, v, kw, ref = _layout_inputs(50, 50, True, "keys", rows="last", seed=2)
+    calls = []
+    real = km._masked_attention_fwd
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*a, **kwargs):
+                calls.append((grid, kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["ADAPTIVE"], kwargs["M_OFFSET"]))
+                return real[grid](*a, **kwargs)
+            return launch
+
+    monkeypatch.setattr(km, "_masked_attention_fwd", Spy())
+    res = km.masked_attention_fwd(q, k, v, tiles=(16, 16, 1, 1), return_segment_mass=True, return_head_stats=True,
+                                  return_rule_fired=True, **kw)
+    _check_layout(res, ref)
+    assert calls == [((3, 8), 16, 16, False, 0), ((1, 8), 16, 16, True, 3)]
+    with pytest.raises(ValueError, match="powers of two"):
+        km.masked_attention_fwd(q, k, v, tiles=(24, 16, 1, 1), return_segment_mass=False, **kw)
+    bm, bn, nw, ns = km._gpu_tiles(4096, 128, torch.bfloat16)
+    assert bm >= 16 and bn >= 16 and nw in (1, 2, 4, 8, 16) and ns >= 1
+    assert km._gpu_tiles(1, 128, torch.bfloat16)[0] == 16  # decoding: one row
+
+
+@pytest.mark.parametrize("rows", ["last", "all"])
+def test_kernel_fold_order_and_skip_give_identical_results(monkeypatch, rows):
+    """The folded grid (with the rule's block launched on its own), the order of the query
+    blocks, skipping the rule accumulator's dot outside the segment and running the rule's
+    block in the same launch (a branch) change no output."""
+    import avss_fast.kernels.masked_attention as km
+
+    q, k, v, kw, ref = _layout_inputs(45, 50, True, "full", rows=rows, seed=3)
+    kw = dict(kw, tiles=(16, 16, 1, 1), return_segment_mass=True, return_head_stats=True, return_rule_fired=True)
+    base = km.masked_attention_fwd(q, k, v, **kw)
+    _check_layout(base, ref)
+    variants = {"fold": {"_force_fold": True}, "forward_order": {"_reverse_m": False},
+                "skip_seg_dot": {"_skip_seg_dot": True}, "last_block_inline": {"_last_block_inline": True},
+                "inline_fold_skip": {"_last_block_inline": True, "_force_fold": True, "_skip_seg_dot": True}}
+    for name, settings in variants.items():
+        with monkeypatch.context() as m:
+            for attr, value in settings.items():
+                m.setattr(km, attr, value)
+            got = km.masked_attention_fwd(q, k, v, **kw)
+        for a, b in zip(base, got):
+            assert torch.equal(a, b), name
+
+
+def test_kernel_unmasked_phase_rows_past_sq_and_low_precision():
+    """bf16 through both phases with the last query block mostly past Sq (its rows compute
+    from zero queries and are never stored): finite, and within bf16 error of float64."""
+    from avss_fast.kernels.masked_attention import masked_attention_fwd
+
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(1, 4, 33, 32, generator=g).bfloat16()
+    k = torch.randn(1, 2, 33, 32, generator=g).bfloat16()
+    v = torch.randn(1, 2, 33, 32, generator=g).bfloat16()
+    kw = dict(scaling=32**-0.5, causal=True, key_mask=None, full_mask=None, head_gate=None, segment_starts=None,
+              segment_scale=None, rule_heads=None, rule_segment=0, threshold=0.5, rule_scale=0.0,
+              last_row_only=False, return_segment_mass=False, return_head_stats=True)
+    out, _, stats, _ = masked_attention_fwd(q, k, v, tiles=(32, 16, 1, 1), **kw)
+    ref = reference.masked_attention_outputs(q, k, v, scaling=32**-0.5, compute_dtype=torch.float64)
+    assert torch.isfinite(out).all() and torch.isfinite(stats).all()
+    assert (out.double() - ref["out"].double()).abs().max() < 2e-2
+    assert (stats.double() - ref["stats"].double()).abs().max() < 2e-2
