@@ -24,7 +24,7 @@ def main() -> int:
     import triton
 
     from avss_fast import reference
-    from avss_fast.ops import AttentionRule, masked_attention
+    from avss_fast.ops import AttentionRule, masked_attention, masked_attention_prepared, prepare_attention_args
 
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(0)
@@ -39,11 +39,13 @@ def main() -> int:
         starts = torch.tensor([0, Sk // 8, Sk // 2], device=dev)
         rule = AttentionRule(tuple(range(0, Hq, 2)), 2, 0.4, 0.0, "last")
         flops = 4 * B * Hq * Sq * Sk * D / 2
+        prepared = prepare_attention_args(B, Hq, dev, segment_starts=starts, adaptive=rule)  # once, as intervene does
         cases = {
             "sdpa_flash": lambda: torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, is_causal=True, scale=D**-0.5, enable_gqa=True),
             "masked_plain": lambda: masked_attention(q, k, v, scaling=D**-0.5),
             "masked_adaptive": lambda: masked_attention(q, k, v, scaling=D**-0.5, segment_starts=starts, adaptive=rule),
+            "masked_adaptive_prepared": lambda: masked_attention_prepared(q, k, v, prepared, scaling=D**-0.5).out,
             "masked_head_stats": lambda: masked_attention(q, k, v, scaling=D**-0.5, return_head_stats=True),
             "masked_reweight_mass": lambda: masked_attention(
                 q, k, v, scaling=D**-0.5, segment_starts=starts, segment_scale=torch.ones(Hq, 3, device=dev) * 0.5,
@@ -62,6 +64,7 @@ def main() -> int:
             peak = (torch.cuda.max_memory_allocated() - base) / 2**20
             row[cname] = {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1), "peak_extra_mib": round(peak, 1)}
         row["adaptive_vs_flash"] = round(row["sdpa_flash"]["ms"] / row["masked_adaptive"]["ms"], 3)
+        row["adaptive_prepared_vs_flash"] = round(row["sdpa_flash"]["ms"] / row["masked_adaptive_prepared"]["ms"], 3)
         row["plain_vs_flash"] = round(row["sdpa_flash"]["ms"] / row["masked_plain"]["ms"], 3)
         row["head_stats_vs_plain"] = round(row["masked_head_stats"]["ms"] / row["masked_plain"]["ms"], 3)
         print(json.dumps(row))

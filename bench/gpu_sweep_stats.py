@@ -69,7 +69,7 @@ def main() -> int:
         if skipped:
             emit({"dtype": str(dt), "skipped_configs_over_time_budget": skipped})
         results.sort()
-        default = _gpu_layout(B, T, D, dev)
+        default = _gpu_layout(B, T, D, dev, h.element_size())
         for ms_k, tiles in results[:3] + [(None, default)]:
             ms = triton.testing.do_bench(lambda: layer_moments_packed(h, None, 1e-5, None, tiles=tiles), warmup=3, rep=20)
             emit({"dtype": str(dt), "tiles": list(tiles), "default": tiles == default, "whole_device_op_ms": round(ms, 4),
