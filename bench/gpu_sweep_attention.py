@@ -10,8 +10,8 @@ bf16, causal, B=4, Hq=32, Hkv=8, D=128, S = Sq = Sk. Three cases, each through
 ``adaptive``, the rule on the last row (every 2nd head, segments [0, S/8, S/2], rule segment 2,
 threshold 0.4, scale 0); ``head_stats`` (plain with the per-row statistics). Every tiling
 (BLOCK_M, BLOCK_N, num_warps, num_stages) that fits runs at S = 2048, likeliest first; the
-best few per case and the current default also at S = 8192; then two switches of the
-kernel (causal block order, skipping the rule accumulator's dot) on the best tiling, and a
+best few per case and the current default also at S = 8192; then the kernel's switch of the
+causal block order (``_reverse_m``) on the best tiling, and a
 float64 check of the best tilings on a small case. Each result is one JSON line with
 ratio = sdpa_ms / ms (SDPA measured in the same run); a summary per case at the end, all of
 it also in ``--out``. Time is capped (AVSS_SWEEP_BUDGET_S, default 150 s): tilings left when
@@ -315,8 +315,7 @@ def main() -> int:
 
     # ------------------------------------------------------------------ 3. kernel switches, best tiling
     # (module flags of kernels/masked_attention.py; none changes a result)
-    switches = [("_last_block_inline", True, "adaptive"), ("_reverse_m", False, "plain"),
-                ("_skip_seg_dot", True, "adaptive")]
+    switches = [("_reverse_m", False, "plain")]
     for attr, value, case in switches:
         best = best_of(case, S_LARGE) or best_of(case, S_SMALL)
         if fatal or not best or elapsed() > end_switch:
@@ -385,17 +384,6 @@ def main() -> int:
 
                 try:
                     out, mass, stats, fired = call()
-                    if rows == "last":  # the one-launch form of the rule's block gives the same outputs
-                        old_inline = km._last_block_inline
-                        km._last_block_inline = not old_inline
-                        try:
-                            other = call()
-                        finally:
-                            km._last_block_inline = old_inline
-                        entry["last_block_inline_max_abs_diff"] = max(
-                            (a.double() - b.double()).abs().max().item() for a, b in zip((out, mass, stats), other)
-                            if torch.isfinite(a).all())
-                        entry["last_block_inline_fired_equal"] = bool(torch.equal(fired, other[3]))
                     mass_r = ref["mass"][..., 2].double()
                     clear = (mass_r - thr).abs() > 1e-2  # decisions near the threshold may flip in bf16
                     clear_rows = clear.transpose(1, 2)[..., None]  # [B, Sq, Hq, 1]

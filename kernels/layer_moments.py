@@ -10,17 +10,16 @@ Three launches, none of which waits on the host:
    * adds the tile into elementwise column-sum registers (reduced once, at the end: the
      partials of the per-sample token mean behind the AVSS pooled variance);
    * counts near-zero values ``|h| < eps`` (padding rows get threshold 0: never counted);
-   * stores, for each token, the count, mean and M2 of its values in this hidden chunk
-     from shifted sums (shift ``K`` = the token's first value in the chunk, itself one of
-     the values, so ``s2 <= (n + 1) M2`` and the cancellation error stays below ~n ulp):
-     ``s1 = sum (h - K)``, ``s2 = sum (h - K)^2``, ``mean = K + s1 / n``,
-     ``M2 = s2 - s1^2 / n``.
+   * stores, for each token, the count, mean and M2 of its values in this hidden chunk,
+     two passes over the tile in registers: ``mean = sum h / n``,
+     ``M2 = sum (h - mean)^2``.
 
-   This fast pass takes no per-value finiteness test: a NaN/Inf anywhere in the program's
-   range makes a row's ``s2`` or a column sum non-finite, and only then does the program
-   redo its range with the exact masked pass (``_exact_pass``: every value tested with
-   ``|x| <= FLT_MAX``, two-pass per-token M2, non-finite values counted and left out).
-   Results never depend on which pass ran beyond fp32 rounding.
+   This fast pass takes no per-value finiteness test: a NaN/Inf anywhere in a row makes
+   that row's M2 non-finite, and only then does the program redo its range with the exact
+   masked pass (``_exact_pass``: every value tested with ``|x| <= FLT_MAX``, non-finite
+   values counted and left out; otherwise the same fp32 formulas in the same order). Finite
+   values whose squares or sums pass fp32's range (|h| > ~1e19) take the exact pass too and
+   give Inf there as well: the kernels compute in fp32 whatever the input dtype.
 
 2. ``_finish_kernel``, grid (token blocks + sample x unit blocks): Chan-merges each
    token's chunk partials in float64, ``mu = sum n_c mu_c / N``,
@@ -130,19 +129,17 @@ def _layer_moments_kernel(
         else:
             x = tl.load(row_ptr[:, None] + offs_d[None, :], mask=row_ok[:, None] & in_d[None, :], other=0.0)
         x = x.to(tl.float32)
-        shift = tl.load(row_ptr + d0, mask=row_ok, other=0.0).to(tl.float32)
-        dev = x - shift[:, None]
+        n = tl.where(row_ok, n_chunk, 0.0)
+        mean = tl.sum(x, axis=1) / tl.maximum(n, 1.0)  # padding and tail values loaded as 0
+        dev = x - mean[:, None]
         if not EVEN_D:
             dev = tl.where(in_d[None, :], dev, 0.0)
-        s1 = tl.sum(dev, axis=1)
-        s2 = tl.sum(dev * dev, axis=1)
-        n = tl.where(row_ok, n_chunk, 0.0)
-        inv_n = 1.0 / tl.maximum(n, 1.0)
+        m2 = tl.sum(dev * dev, axis=1)
         rp = rowpart_ptr + ((b * T + offs_t) * n_dc + dc) * 3
         tl.store(rp, n, mask=in_t)
-        tl.store(rp + 1, shift + s1 * inv_n, mask=in_t)
-        tl.store(rp + 2, tl.maximum(s2 - s1 * s1 * inv_n, 0.0), mask=in_t)
-        bad += (~(s2 <= FLT_MAX)).to(tl.int32)  # NaN or Inf in the row (padding rows: s2 = 0)
+        tl.store(rp + 1, mean, mask=in_t)
+        tl.store(rp + 2, m2, mask=in_t)
+        bad += (~(m2 <= FLT_MAX)).to(tl.int32)  # NaN or Inf in the row (padding rows: M2 = 0)
         col_acc += x
         if USE_THR:
             thr = tl.load(thr_ptr + b * T + offs_t, mask=in_t, other=0.0)
@@ -159,8 +156,7 @@ def _layer_moments_kernel(
     col_cnt = tl.zeros([BLOCK_D], dtype=tl.int32) + tl.sum(n_rows, axis=0)
     nz = tl.sum(tl.sum(nz_acc, axis=1), axis=0)
     nonfinite = nz * 0
-    n_bad = tl.sum(bad, axis=0) + tl.sum((~(tl.abs(col_sum) <= FLT_MAX)).to(tl.int32), axis=0)
-    if n_bad > 0:  # rare: a NaN/Inf (or an fp32 overflow) in this range, redo it exactly
+    if tl.sum(bad, axis=0) > 0:  # rare: a NaN/Inf (or an fp32 overflow) in this range, redo it exactly
         tl.debug_barrier()  # the fast pass's stores to the row partials land first
         col_sum, col_cnt, nz, nonfinite = _exact_pass(
             x_ptr, mask_ptr, thr_ptr, rowpart_ptr, b, dc, n_dc, T, t_begin, t_end, offs_d, in_d,
@@ -353,9 +349,13 @@ def layer_moments_partials(
     if hidden.stride(-1) != 1:
         hidden = hidden.contiguous()
     B, T, D = hidden.shape
+    if B * T * D == 0:
+        raise ValueError(f"hidden has no values (shape {tuple(hidden.shape)}): nothing to launch")
     dev = hidden.device
     if tiles is not None:
         BLOCK_T, BLOCK_D, num_warps, S = tiles
+        if any(t < 1 or t & (t - 1) for t in (BLOCK_T, BLOCK_D, num_warps)) or S < 1:
+            raise ValueError(f"tiles must be powers of two (BLOCK_T, BLOCK_D, num_warps) and splits >= 1, got {tiles}")
     elif dev.type == "cpu":  # interpreter: few, large programs
         BLOCK_T = min(64, triton.next_power_of_2(max(T, 1)))
         BLOCK_D = min(1024, triton.next_power_of_2(max(D, 1)))

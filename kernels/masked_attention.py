@@ -35,11 +35,11 @@ unmasked update (key and full masks, when given, still apply there); only the bl
 cross the diagonal, and the Sk tail, run the masked update. Segment masses are kept only
 when they are returned or the rule needs one (then only the rule segment's; with one
 segment the mass is l itself). With the rule on the last row only, only the query block
-that holds row Sq - 1 keeps the segment accumulator: it runs as a second launch (or, with
-``_last_block_inline``, as a branch of the same launch); the other blocks run without it
-(their ``fired`` is 0). Causal launches take each head's query blocks longest first
-(``_reverse_m``); ``_skip_seg_dot`` skips the segment accumulator's P.V for key blocks
-with no key in the rule segment (they add exactly 0).
+that holds row Sq - 1 keeps the segment accumulator: it runs as a second launch; the other
+blocks run without it (their ``fired`` is 0). Causal launches take each head's query
+blocks longest first (``_reverse_m``). Two more variants were measured on an H200 and
+dropped as no faster (bench/README.md): the rule's block as a branch of the main launch,
+and skipping the segment accumulator's P.V for key blocks outside the rule segment.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def _attn_block(
     MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SEG: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_FMASK: tl.constexpr, HAS_SCALE: tl.constexpr,
     ADAPTIVE: tl.constexpr, STORE_MASS: tl.constexpr, UPCAST: tl.constexpr, RULE_SEG: tl.constexpr,
-    PRECISION: tl.constexpr, HEAD_STATS: tl.constexpr, SKIP_SEG_DOT: tl.constexpr,
+    PRECISION: tl.constexpr, HEAD_STATS: tl.constexpr,
 ):
     """One key block [n0, n0 + BLOCK_N) of the online softmax; returns the updated loop state.
 
@@ -165,17 +165,10 @@ def _attn_block(
         acc_seg = acc_seg * alpha[:, None]
         in_rule = seg == RULE_SEG
         ps = tl.where(in_rule[None, :], pw, 0.0)
-        if SKIP_SEG_DOT:  # a block without a key of the rule segment adds exactly 0
-            if tl.max(in_rule.to(tl.int32), axis=0) > 0:
-                if UPCAST:
-                    acc_seg = tl.dot(ps, v, acc_seg, input_precision=PRECISION)
-                else:
-                    acc_seg = tl.dot(ps.to(v.dtype), v, acc_seg)
+        if UPCAST:
+            acc_seg = tl.dot(ps, v, acc_seg, input_precision=PRECISION)
         else:
-            if UPCAST:
-                acc_seg = tl.dot(ps, v, acc_seg, input_precision=PRECISION)
-            else:
-                acc_seg = tl.dot(ps.to(v.dtype), v, acc_seg)
+            acc_seg = tl.dot(ps.to(v.dtype), v, acc_seg)
     return acc, acc_seg, m_new, l_i, l0, l1, l2, l3, t_i, s_first
 
 
@@ -186,7 +179,7 @@ def _attn_rows(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     NUM_SEG: tl.constexpr, CAUSAL: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_FMASK: tl.constexpr,
     HAS_SCALE: tl.constexpr, ADAPTIVE: tl.constexpr, STORE_MASS: tl.constexpr, UPCAST: tl.constexpr,
-    RULE_SEG: tl.constexpr, PRECISION: tl.constexpr, HEAD_STATS: tl.constexpr, SKIP_SEG_DOT: tl.constexpr,
+    RULE_SEG: tl.constexpr, PRECISION: tl.constexpr, HEAD_STATS: tl.constexpr,
 ):
     """All key blocks of the query block starting at row m_lo, in two phases; returns the
     final state (acc, acc_seg, m, l, l0..l3, t, s_first)."""
@@ -220,14 +213,14 @@ def _attn_rows(
             n0, offs_m, row_ok, offs_n0, offs_d, d_ok, Sq, Sk, offset, scaling_log2,
             k_base, v_base, skn, svn, km_base, fm_base, sfmm, sc_base, st1, st2, st3,
             False, HEAD_DIM, BLOCK_D, NUM_SEG, CAUSAL, HAS_KMASK, HAS_FMASK, HAS_SCALE,
-            ADAPTIVE, STORE_MASS, UPCAST, RULE_SEG, PRECISION, HEAD_STATS, SKIP_SEG_DOT)
+            ADAPTIVE, STORE_MASS, UPCAST, RULE_SEG, PRECISION, HEAD_STATS)
     for n0 in range(n_full, hi, BLOCK_N):  # phase 2: blocks on the diagonal, the Sk tail
         acc, acc_seg, m_i, l_i, l0, l1, l2, l3, t_i, s_first = _attn_block(
             q, acc, acc_seg, m_i, l_i, l0, l1, l2, l3, t_i, s_first,
             n0, offs_m, row_ok, offs_n0, offs_d, d_ok, Sq, Sk, offset, scaling_log2,
             k_base, v_base, skn, svn, km_base, fm_base, sfmm, sc_base, st1, st2, st3,
             True, HEAD_DIM, BLOCK_D, NUM_SEG, CAUSAL, HAS_KMASK, HAS_FMASK, HAS_SCALE,
-            ADAPTIVE, STORE_MASS, UPCAST, RULE_SEG, PRECISION, HEAD_STATS, SKIP_SEG_DOT)
+            ADAPTIVE, STORE_MASS, UPCAST, RULE_SEG, PRECISION, HEAD_STATS)
     return acc, acc_seg, m_i, l_i, l0, l1, l2, l3, t_i, s_first
 
 
@@ -249,11 +242,10 @@ def _masked_attention_fwd(
     UPCAST: tl.constexpr, RULE_SEG: tl.constexpr, HAS_FMASK: tl.constexpr, PRECISION: tl.constexpr,
     HEAD_STATS: tl.constexpr = False, STORE_FIRED: tl.constexpr = False,
     FOLD_GRID: tl.constexpr = False, NUM_M_BLOCKS=1, M_OFFSET=0,
-    REVERSE_M: tl.constexpr = False, SKIP_SEG_DOT: tl.constexpr = False, INLINE_LAST: tl.constexpr = False,
+    REVERSE_M: tl.constexpr = False,
 ):
     """Programs cover query blocks M_OFFSET .. M_OFFSET + NUM_M_BLOCKS - 1 (REVERSE_M: the
-    longest causal blocks of a head first) of every (batch, head). INLINE_LAST (ADAPTIVE with
-    LAST_ROW_ONLY): all blocks in this launch, the rule's accumulator only in the last one."""
+    longest causal blocks of a head first) of every (batch, head)."""
     if FOLD_GRID:  # B * Hq beyond the grid's second axis (65,535): everything on axis 0
         pid = tl.program_id(0).to(tl.int64)
         pid_m = (pid % NUM_M_BLOCKS).to(tl.int32)
@@ -274,7 +266,7 @@ def _masked_attention_fwd(
     row_ok = offs_m < Sq
     d_ok = offs_d < HEAD_DIM
 
-    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m.to(tl.int64)[:, None] * sqm + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -295,26 +287,11 @@ def _masked_attention_fwd(
     fm_base = fmask_ptr + b * sfmb + h * sfmh
     sc_base = scale_ptr + b * sscb + h * ssch
 
-    if ADAPTIVE and LAST_ROW_ONLY and INLINE_LAST:
-        # one launch: only the block holding row Sq - 1 carries the rule's accumulator
-        if m_lo + BLOCK_M >= Sq:
-            acc, acc_seg, m_i, l_i, l0, l1, l2, l3, t_i, s_first = _attn_rows(
-                q, m_lo, offs_m, row_ok, offs_n0, offs_d, d_ok, Sq, Sk, scaling_log2,
-                k_base, v_base, skn, svn, km_base, fm_base, sfmm, sc_base, st1, st2, st3,
-                BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, NUM_SEG, CAUSAL, HAS_KMASK, HAS_FMASK, HAS_SCALE,
-                True, STORE_MASS, UPCAST, RULE_SEG, PRECISION, HEAD_STATS, SKIP_SEG_DOT)
-        else:
-            acc, acc_seg, m_i, l_i, l0, l1, l2, l3, t_i, s_first = _attn_rows(
-                q, m_lo, offs_m, row_ok, offs_n0, offs_d, d_ok, Sq, Sk, scaling_log2,
-                k_base, v_base, skn, svn, km_base, fm_base, sfmm, sc_base, st1, st2, st3,
-                BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, NUM_SEG, CAUSAL, HAS_KMASK, HAS_FMASK, HAS_SCALE,
-                False, STORE_MASS, UPCAST, RULE_SEG, PRECISION, HEAD_STATS, SKIP_SEG_DOT)
-    else:
-        acc, acc_seg, m_i, l_i, l0, l1, l2, l3, t_i, s_first = _attn_rows(
-            q, m_lo, offs_m, row_ok, offs_n0, offs_d, d_ok, Sq, Sk, scaling_log2,
-            k_base, v_base, skn, svn, km_base, fm_base, sfmm, sc_base, st1, st2, st3,
-            BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, NUM_SEG, CAUSAL, HAS_KMASK, HAS_FMASK, HAS_SCALE,
-            ADAPTIVE, STORE_MASS, UPCAST, RULE_SEG, PRECISION, HEAD_STATS, SKIP_SEG_DOT)
+    acc, acc_seg, m_i, l_i, l0, l1, l2, l3, t_i, s_first = _attn_rows(
+        q, m_lo, offs_m, row_ok, offs_n0, offs_d, d_ok, Sq, Sk, scaling_log2,
+        k_base, v_base, skn, svn, km_base, fm_base, sfmm, sc_base, st1, st2, st3,
+        BLOCK_M, BLOCK_N, HEAD_DIM, BLOCK_D, NUM_SEG, CAUSAL, HAS_KMASK, HAS_FMASK, HAS_SCALE,
+        ADAPTIVE, STORE_MASS, UPCAST, RULE_SEG, PRECISION, HEAD_STATS)
 
     inv_l = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
     out = acc
@@ -339,7 +316,7 @@ def _masked_attention_fwd(
     out = out * inv_l[:, None]
     if HAS_GATE:
         out = out * tl.load(gate_ptr + b * sgb + h)
-    tl.store(out_ptr + b * sob + offs_m[:, None] * som + h * soh + offs_d[None, :],
+    tl.store(out_ptr + b * sob + offs_m.to(tl.int64)[:, None] * som + h * soh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     if STORE_MASS:
         mbase = mass_ptr + ((b * Hq + h) * Sq + offs_m) * NUM_SEG
@@ -371,19 +348,18 @@ MAX_SEGMENTS = 4
 _MAX_GRID_Y = 65535  # CUDA's limit on the grid's second axis
 _force_fold = False  # tests: take the folded-grid path at small sizes
 _reverse_m = True  # causal: each head's longest query blocks first (results do not depend on it)
-_skip_seg_dot = False  # adaptive: skip the rule accumulator's dot for key blocks outside the segment
-# rule on the last row: False = the last query block in a second launch, True = one launch
-# whose last block alone takes the rule's path (a runtime branch); results are the same
-_last_block_inline = False
 
 
 def _gpu_tiles(Sq: int, BLOCK_D: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) on a GPU, from bench/gpu_sweep_attention.py
     (H200, bf16, D=128, S=2048/8192: 64x64 tiles, 4 warps, 3 stages were best or within 5%
-    of the best for plain, adaptive and head-stats calls; 2 stages was 10-20% slower)."""
+    of the best for plain, adaptive and head-stats calls; 2 stages was 10-20% slower).
+    fp32 inputs (computed in fp32) and heads wider than 128 keep 2 stages: 3 would need
+    more shared memory than an A100 (fp32, D=128) or an Ada card (fp32, D=64) has."""
     BLOCK_M = 64 if Sq > 16 else 16
     BLOCK_N = 64 if BLOCK_D <= 128 else 32
-    return BLOCK_M, BLOCK_N, 4, 3
+    stages = 3 if dtype in (torch.float16, torch.bfloat16) and BLOCK_D <= 128 else 2
+    return BLOCK_M, BLOCK_N, 4, stages
 
 
 def masked_attention_fwd(
@@ -409,6 +385,9 @@ def masked_attention_fwd(
     S = 1 if segment_starts is None else segment_starts.shape[1]
     if S > MAX_SEGMENTS:
         raise ValueError(f"at most {MAX_SEGMENTS} segments are supported, got {S}")
+    if max(k.stride(2), v.stride(2)) * Sk >= 2**31:  # key offsets within a head are 32-bit
+        raise ValueError(f"k/v too long for the kernel: {Sk} keys x row stride {max(k.stride(2), v.stride(2))} "
+                         "elements is past 2^31; use a [B, H, Sk, D] layout (row stride D)")
     out = torch.empty((B, Sq, Hq, D), dtype=q.dtype, device=dev)
     mass = torch.empty((B, Hq, Sq, S), dtype=torch.float32, device=dev) if return_segment_mass else out
     stats = torch.empty((B, Hq, Sq, 3), dtype=torch.float32, device=dev) if return_head_stats else out
@@ -431,10 +410,8 @@ def masked_attention_fwd(
     fold = B * Hq > _MAX_GRID_Y or _force_fold
     adaptive = rule_heads is not None
     # rule on the last row only: the block holding row Sq - 1 is the only one that needs the
-    # rule's accumulator; the others run without it (a second launch, or a branch in one)
-    last_only = adaptive and last_row_only and num_m > 1
-    inline = last_only and _last_block_inline
-    split = last_only and not inline
+    # rule's accumulator; the others run without it, in a launch of their own
+    split = adaptive and last_row_only and num_m > 1
 
     def launch(m_offset: int, n_blocks: int, adaptive_here: bool) -> None:
         # segment starts matter only for masses, reweighting or the rule; arguments a launch does
@@ -470,8 +447,7 @@ def masked_attention_fwd(
             PRECISION="ieee" if upcast else "tf32",
             HEAD_STATS=bool(return_head_stats), STORE_FIRED=bool(return_rule_fired),
             FOLD_GRID=fold, NUM_M_BLOCKS=n_blocks, M_OFFSET=m_offset,
-            REVERSE_M=bool(causal and _reverse_m), SKIP_SEG_DOT=bool(adaptive_here and _skip_seg_dot),
-            INLINE_LAST=bool(adaptive_here and inline),
+            REVERSE_M=bool(causal and _reverse_m),
             num_warps=num_warps, num_stages=num_stages,
         )
 

@@ -53,7 +53,7 @@ def test_layer_moments_cuda_matches_reference(dtype, shape):
 @pytest.mark.parametrize("tiles", [(2, 1024, 4, 8), (4, 512, 8, 3), (16, 256, 8, 2), (8, 256, 4, 40)], ids=str)
 def test_layer_moments_cuda_layouts_and_exact_pass(tiles, monkeypatch):
     """GPU twin of test_ops' kernel-layout tests: tile layouts the sweep tries, a NaN that
-    sends one program through the exact pass, a massive activation as a shift, and the
+    sends one program through the exact pass, a massive activation at a chunk start, and the
     merge kernels with shrunk blocks (every loop more than once)."""
     import avss_fast.kernels.layer_moments as lm
     from avss_fast.stats import Moments

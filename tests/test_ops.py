@@ -297,11 +297,12 @@ def test_kernel_layouts_match_reference(tiles):
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf", "overflow"])
-def test_kernel_exact_pass_only_where_needed(bad):
-    """A non-finite value (or a column sum past fp32's range) sends its program through
-    the exact pass, which alone counts non-finite values; the result equals the reference."""
+def test_kernel_exact_pass_on_nonfinite(bad):
+    """A non-finite value (or finite values whose squares pass fp32's range) sends its
+    program through the exact pass, which alone counts non-finite values; the result
+    equals the reference."""
     h = _activations((2, 40, 64), torch.float32, seed=22)
-    if bad == "overflow":  # finite values whose column sum is past FLT_MAX
+    if bad == "overflow":  # finite values whose squared deviations are past FLT_MAX
         h[1, 0:4, 5] = 3e38
     else:
         h[1, 17, 33] = float(bad)
@@ -314,13 +315,16 @@ def test_kernel_exact_pass_only_where_needed(bad):
     assert got.raw()["nonfinite"] == (0 if bad == "overflow" else 1)
 
 
-def test_kernel_shift_keeps_outliers_accurate():
-    """Per-token M2 from shifted sums: a massive activation at the chunk's first unit (the
-    shift itself) and tokens whose mean is far from 0 stay within fp32 accumulation error."""
+def test_kernel_outliers_and_offsets_stay_accurate():
+    """Per-token M2 in the fast pass: a massive activation in every token, tokens whose mean
+    is far from 0, and a token of huge values (sums of squares near fp32's limit) stay
+    within fp32 accumulation error of the float64 reference."""
     g = torch.Generator().manual_seed(23)
-    h = torch.randn(2, 16, 256, generator=g)
-    h[0, :, 0] = 3000.0  # massive activation, the shift of every token of chunk 0
+    h = torch.randn(3, 16, 256, generator=g)
+    h[0, :, 0] = 3000.0  # massive activation at a chunk's first unit
     h[1] += 1000.0  # mean >> std
+    h[2, 0, 0] = 0.0
+    h[2, 0, 1:] = 1e18  # (sum h)^2 overflows fp32, sum (h - mean)^2 does not
     ref = reference.layer_moments(h)
     for tiles in [(4, 64, 1, 1), (16, 256, 1, 1)]:
         assert_moments_close(_triton_moments(h, tiles=tiles), ref, rtol=2e-5, atol=1e-7)
