@@ -5,7 +5,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/avss_gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-T_TESTS=${T_TESTS:-200} T_BENCH=${T_BENCH:-120}
+T_TESTS=${T_TESTS:-420} T_BENCH=${T_BENCH:-120}
 SWEEPS=${SWEEPS-"attention:170 stats:120"}  # name:seconds, in order
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
