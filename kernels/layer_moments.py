@@ -172,6 +172,20 @@ def _layer_moments_kernel(
 
 
 @triton.jit
+def _chan_merge(n, mu, m2, AXIS: tl.constexpr):
+    """(N, mean, M2) of partials (n, mu, M2) along AXIS (0 of a vector, or 1 of a matrix),
+    the closed form of repeated Chan merges: ``N = sum n``, ``mean = sum n mu / N``,
+    ``M2 = sum M2 + sum n (mu - mean)^2`` (partials with n = 0 add nothing)."""
+    tot = tl.sum(n, axis=AXIS)
+    mean = tl.sum(n * mu, axis=AXIS) / tl.maximum(tot, 1.0)
+    if AXIS == 1:
+        d = tl.where(n > 0, mu - mean[:, None], 0.0)
+    else:
+        d = tl.where(n > 0, mu - mean, 0.0)
+    return tot, mean, tl.sum(m2 + n * d * d, axis=AXIS)
+
+
+@triton.jit
 def _finish_kernel(
     rowpart_ptr, colsum_ptr, colcnt_ptr, tok_ptr, samp_ptr,
     R, C, D, S, n_tok_blocks, n_col_blocks,
@@ -188,16 +202,10 @@ def _finish_kernel(
         n_c = tl.load(p, mask=ok, other=0.0).to(tl.float64)
         mu_c = tl.load(p + 1, mask=ok, other=0.0).to(tl.float64)
         m2_c = tl.load(p + 2, mask=ok, other=0.0).to(tl.float64)
-        n_t = tl.sum(n_c, axis=1)
-        mu_t = tl.sum(n_c * mu_c, axis=1) / tl.maximum(n_t, 1.0)
-        dc = tl.where(n_c > 0, mu_c - mu_t[:, None], 0.0)
-        m2_t = tl.sum(m2_c + n_c * dc * dc, axis=1)
+        n_t, mu_t, m2_t = _chan_merge(n_c, mu_c, m2_c, 1)
         tok_ok = n_t >= 2.0
         var_t = tl.where(tok_ok, m2_t / tl.maximum(n_t - 1.0, 1.0), 0.0)
-        n_blk = tl.sum(n_t, axis=0)
-        mu_blk = tl.sum(n_t * mu_t, axis=0) / tl.maximum(n_blk, 1.0)
-        dev = tl.where(n_t > 0, mu_t - mu_blk, 0.0)
-        m2_blk = tl.sum(m2_t + n_t * dev * dev, axis=0)
+        n_blk, mu_blk, m2_blk = _chan_merge(n_t, mu_t, m2_t, 0)
         o = tok_ptr + pid * 5
         tl.store(o, n_blk)
         tl.store(o + 1, mu_blk)
@@ -267,12 +275,8 @@ def _reduce_kernel(
         offs_b = b0 + tl.arange(0, BLOCK_B)
         ok = (offs_b < B)[:, None] & (offs_j < NCB)[None, :]
         o = samp_ptr + (offs_b[:, None] * NCB + offs_j[None, :]) * 3
-        k = tl.load(o, mask=ok, other=0.0)
-        m = tl.load(o + 1, mask=ok, other=0.0)
-        kb = tl.sum(k, axis=1)
-        mb = tl.sum(k * m, axis=1) / tl.maximum(kb, 1.0)
-        dv = tl.where(k > 0, m - mb[:, None], 0.0)
-        m2b = tl.sum(tl.load(o + 2, mask=ok, other=0.0) + k * dv * dv, axis=1)
+        kb, _, m2b = _chan_merge(tl.load(o, mask=ok, other=0.0), tl.load(o + 1, mask=ok, other=0.0),
+                                 tl.load(o + 2, mask=ok, other=0.0), 1)
         has_var = kb >= 2.0
         hv += has_var.to(tl.float64)
         pv += tl.where(has_var, m2b / tl.maximum(kb - 1.0, 1.0), 0.0)
