@@ -49,8 +49,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    """Spawned child: one rank. Top level so that it pickles."""
+def _in_rank(rank: int, port: int, out_dir: str, work) -> None:
+    """Spawned child: join the gloo group as ``rank``, write ``work(rank)`` (a JSON-able
+    result) to rank<r>.json, or the traceback to rank<r>.err, then leave without teardown."""
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ["AVSS_FAST_BACKEND"] = "torch"
     if os.path.isdir("/sys/class/net/lo"):
@@ -60,23 +61,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         import torch.distributed as dist
 
         torch.set_num_threads(1)
-        from avss_fast.ops import block_similarity, layer_moments
-
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
         try:
-            h_in, h_out, mask = make_batch()
-            sl = rank_slice(rank)
-            m = layer_moments(h_in[sl], mask[sl], sparsity_rel=0.25)
-            s = block_similarity(h_in[sl], h_out[sl], mask[sl])
-            local = {"moments": m.raw(), "similarity": s.raw()}
-            mr, sr = m.all_reduce(), s.all_reduce()
-            result = {
-                "moments": mr.raw(),
-                "similarity": sr.raw(),
-                "local": local,
-                "local_after": {"moments": m.raw(), "similarity": s.raw()},  # self is unchanged
-                "types": [type(mr).__name__, type(sr).__name__],
-            }
+            result = work(rank)
             with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
                 json.dump(result, f)
             dist.barrier()  # both ranks have written their results
@@ -88,6 +75,29 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             f.write(traceback.format_exc())
         raise
     _exit_without_teardown()
+
+
+def _moments_work(rank: int) -> dict:
+    from avss_fast.ops import block_similarity, layer_moments
+
+    h_in, h_out, mask = make_batch()
+    sl = rank_slice(rank)
+    m = layer_moments(h_in[sl], mask[sl], sparsity_rel=0.25)
+    s = block_similarity(h_in[sl], h_out[sl], mask[sl])
+    local = {"moments": m.raw(), "similarity": s.raw()}
+    mr, sr = m.all_reduce(), s.all_reduce()
+    return {
+        "moments": mr.raw(),
+        "similarity": sr.raw(),
+        "local": local,
+        "local_after": {"moments": m.raw(), "similarity": s.raw()},  # self is unchanged
+        "types": [type(mr).__name__, type(sr).__name__],
+    }
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    """Spawned child: one rank of the Moments / Similarity test. Top level so that it pickles."""
+    _in_rank(rank, port, out_dir, _moments_work)
 
 
 def _exit_without_teardown() -> None:
@@ -208,36 +218,21 @@ def head_model():
     return make_tiny("llama", num_layers=2, heads=4, kv_heads=2, vocab=100)
 
 
+def _head_work(rank: int) -> dict:
+    import torch
+
+    from avss_fast.head_stats import HeadScorer
+
+    model = head_model()
+    ids, am = head_batch()
+    sl = rank_slice(rank)
+    with torch.no_grad(), HeadScorer(model, segment_starts=[0, 4]) as scorer:
+        model(input_ids=ids[sl], attention_mask=am[sl])
+    return scorer.report().to_dict()  # merges the ranks: a process group is initialised
+
+
 def _head_worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["AVSS_FAST_BACKEND"] = "torch"
-    if os.path.isdir("/sys/class/net/lo"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    try:
-        import torch
-        import torch.distributed as dist
-
-        torch.set_num_threads(1)
-        from avss_fast.head_stats import HeadScorer
-
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-        try:
-            model = head_model()
-            ids, am = head_batch()
-            sl = rank_slice(rank)
-            with torch.no_grad(), HeadScorer(model, segment_starts=[0, 4]) as scorer:
-                model(input_ids=ids[sl], attention_mask=am[sl])
-            rep = scorer.report()  # merges the ranks: a process group is initialised
-            with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-                json.dump(rep.to_dict(), f)
-            dist.barrier()  # both ranks have written their results
-        except BaseException:
-            dist.destroy_process_group()
-            raise
-    except BaseException:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    _exit_without_teardown()
+    _in_rank(rank, port, out_dir, _head_work)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
