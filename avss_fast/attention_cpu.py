@@ -188,9 +188,10 @@ def masked_attention_torch(
         k_ext = F.pad(kk, (0, width - D))
     else:
         v_ext, q_ext, k_ext = vv, q, kk
-    lse = None
+    lse = bias = None
     if return_head_stats:  # the CPU flash kernel also returns each row's log-sum-exp
-        o, lse = _sdpa_with_lse(q_ext, k_ext, v_ext, attn_mask, is_causal, scaling, G)
+        bias = _additive_mask(attn_mask)  # one float mask for the flash call and the max-logit pass
+        o, lse = _sdpa_with_lse(q_ext, k_ext, v_ext, attn_mask, bias, is_causal, scaling, G)
     else:
         gqa = {}
         if k_ext.shape[1] != Hq:
@@ -215,7 +216,7 @@ def masked_attention_torch(
         col += S
     stats = None
     if return_head_stats:
-        stats = _row_stats(q, k, o[..., col : col + D], lse, attn_mask, causal, scaling, key_mask, full_mask)
+        stats = _row_stats(q, k, o[..., col : col + D], lse, attn_mask, bias, causal, scaling)
     fired = None
     if rule_heads is not None:
         if last_row_only:
@@ -248,10 +249,17 @@ def masked_attention_torch(
             fired if return_rule_fired else None)
 
 
-def _sdpa_with_lse(q, k, v, attn_mask, is_causal, scaling, G):
-    """(out, logsumexp) of attention, for the statistics path. On CPU: torch's CPU flash
-    kernel, which returns both (k/v repeated to the query heads: that kernel has no
-    grouped-query mode; a bool mask turned additive). bf16/fp16 run in fp32 there: the
+def _additive_mask(attn_mask):
+    """The bool mask as an fp32 bias (0 where allowed, -inf elsewhere), or None."""
+    if attn_mask is None:
+        return None
+    return torch.zeros(attn_mask.shape, device=attn_mask.device).masked_fill_(~attn_mask, float("-inf"))
+
+
+def _sdpa_with_lse(q, k, v, attn_mask, bias, is_causal, scaling, G):
+    """(out, logsumexp) of attention, for the statistics path (``bias``: ``attn_mask`` from
+    :func:`_additive_mask`). On CPU: torch's CPU flash kernel, which returns both (k/v
+    repeated to the query heads: that kernel has no grouped-query mode; the additive mask). bf16/fp16 run in fp32 there: the
     entropy is a difference of two large numbers (lse - E[s]) that half precision would
     cancel badly. Elsewhere (the torch backend forced on CUDA): SDPA for the output and the
     log-sum-exp from blocked scores."""
@@ -263,15 +271,12 @@ def _sdpa_with_lse(q, k, v, attn_mask, is_causal, scaling, G):
         if k.shape[1] != q.shape[1] and not gqa:
             k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scaling, **gqa)
-        lse = _blocked_rows(q, k, attn_mask, is_causal, scaling, torch.logsumexp)
+        lse = _blocked_rows(q, k, bias, is_causal, scaling, torch.logsumexp)
         return o, lse
     if k.shape[1] != q.shape[1]:
         k, v = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1), v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    mask = None
-    if attn_mask is not None:
-        mask = torch.where(attn_mask, torch.zeros((), dtype=q.dtype), torch.full((), float("-inf"), dtype=q.dtype))
     o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, bool(is_causal), attn_mask=mask, scale=scaling
+        q, k, v, 0.0, bool(is_causal), attn_mask=None if bias is None else bias.to(q.dtype), scale=scaling
     )
     return o, lse
 
@@ -282,8 +287,9 @@ _MAX_LOGIT_ELEMENTS = 1 << 22
 _MAX_LOGIT_ROWS = 32
 
 
-def _blocked_rows(qf, k, attn_mask, causal, scaling, reduce):
-    """[B, Hq, Sq] = ``reduce(scores, dim=-1)`` over each row's allowed keys (``torch.amax``:
+def _blocked_rows(qf, k, bias, causal, scaling, reduce):
+    """[B, Hq, Sq] = ``reduce(scores + bias, dim=-1)`` over each row's allowed keys
+    (``bias``: the mask from :func:`_additive_mask`, or None; ``torch.amax``:
     the largest logit; ``torch.logsumexp``), query block by query block: a block of R rows
     needs only the keys its last row may see (causal), only the diagonal part is masked when
     causal order is all there is, and k is never repeated (the G query heads of a kv head
@@ -298,16 +304,13 @@ def _blocked_rows(qf, k, attn_mask, causal, scaling, reduce):
     # blocks (measured 1.3-2x faster than 128 rows at S = 256..2048 on 2 CPU cores)
     R = max(16, min(Sq, _MAX_LOGIT_ROWS, _MAX_LOGIT_ELEMENTS // max(1, B * Hq * Sk)))
     out = torch.empty(B, Hkv, G, Sq, device=qf.device)
-    # the mask as an additive bias, once (adding is faster than masked_fill per block)
-    bias = None if attn_mask is None else torch.zeros(attn_mask.shape, device=qf.device).masked_fill_(
-        ~attn_mask, float("-inf"))
     for r0 in range(0, Sq, R):
         r1 = min(Sq, r0 + R)
         n = r1 - r0
         hi = min(Sk, r1 + offset) if causal and Sq > 1 else Sk
         s = q5[:, :, :, r0:r1].reshape(B, Hkv, G * n, D) @ kf[:, :, :hi].transpose(-1, -2)  # [B, Hkv, G*n, hi]
         s = s.view(B, Hkv, G, n, hi).mul_(scaling)
-        if attn_mask is not None:
+        if bias is not None:  # adding a bias is faster than a masked_fill per block
             m = bias[..., r0:r1, :hi]  # [B, 1|Hq, n, hi]
             s.add_(m.reshape(B, Hkv, G, n, hi) if m.shape[1] == Hq and Hq > 1 else m[:, :, None])
         elif causal and Sq > 1:
@@ -320,12 +323,7 @@ def _blocked_rows(qf, k, attn_mask, causal, scaling, reduce):
     return out.reshape(B, Hq, Sq)
 
 
-def _max_logits(qf, k, attn_mask, causal, scaling):
-    """[B, Hq, Sq] largest allowed logit of every row (see :func:`_blocked_rows`)."""
-    return _blocked_rows(qf, k, attn_mask, causal, scaling, torch.amax)
-
-
-def _row_stats(q, k, pk, lse, attn_mask, causal, scaling, key_mask, full_mask, want_max=True):
+def _row_stats(q, k, pk, lse, attn_mask, bias, causal, scaling):
     """[B, Hq, Sq, 3] = (entropy, max logit, sink mass) of every row, without an Sq x Sk
     matrix: entropy = lse - E_p[s] with E_p[s] = scaling * q . sum_j p_j k_j (``pk``, from
     the same SDPA call); the max logit from q k^T in key blocks; the sink mass
@@ -344,8 +342,7 @@ def _row_stats(q, k, pk, lse, attn_mask, causal, scaling, key_mask, full_mask, w
         first = first[..., 0].expand(B, Hq, Sq)
     mean_s = scaling * (qf * pk.float()).sum(-1)
     entropy = torch.where(has, lse - mean_s, 0.0).clamp_min(0.0)
-    best = _max_logits(qf, k, attn_mask, causal, scaling) if want_max else torch.full(
-        (B, Hq, Sq), float("nan"), device=q.device)
+    best = _blocked_rows(qf, k, bias, causal, scaling, torch.amax)
     # sink: the first allowed key of each row
     if first is None:
         first = torch.zeros(B, Hq, Sq, dtype=torch.long, device=q.device)
