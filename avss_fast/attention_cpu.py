@@ -16,6 +16,10 @@ Sq x Sk is built unless the caller's mask already is one (padding with causal ma
 * A single query row (decoding with the KV cache) with any intervention is computed
   explicitly, O(Sk) per head: scores, softmax, masses and factors in a handful of ops,
   cheaper than SDPA plus the extra columns at this size.
+* Head statistics (``return_head_stats``) with more than one query row go to the compiled
+  kernel of :mod:`avss_fast.native` when it builds (one pass at the head's own width),
+  except with the rule on every row; otherwise :func:`_sdpa_outputs` (the flash kernel
+  with the keys appended to the values, and a blocked pass for the max logit).
 * Causal masking is bottom-right aligned: ``is_causal`` when Sq == Sk, no mask when
   Sq == 1 (decode), an explicit [Sq, Sk] mask otherwise (chunked prefill).
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .reference import segment_ids
 
 _SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa= exists
@@ -172,6 +177,58 @@ def masked_attention_torch(
         f = torch.gather(segment_scale, 2, seg[:, None, :].expand(B, Hq, Sk))  # [B, Hq, Sk]
         vv = (v.repeat_interleave(G, dim=1) if G > 1 else v) * f[..., None].to(dt)
     adaptive_all = rule_heads is not None and not last_row_only
+    fn = native.kernel() if return_head_stats and not adaptive_all and native.supports(q) else None
+    acc_seg = None
+    if fn is not None:  # one compiled pass: output, statistics and masses at the narrow width
+        out, stats, mass = native.head_stats_attention(
+            fn, q, k, vv, scaling=scaling, causal=causal, attn_mask=attn_mask, segment_starts=segment_starts,
+            want_mass=return_segment_mass)
+    else:
+        out, mass, acc_seg, stats = _sdpa_outputs(
+            q, k, kk, vv, seg=seg, S=S, attn_mask=attn_mask, is_causal=is_causal, causal=causal, scaling=scaling,
+            G=G, adaptive_all=adaptive_all, rule_segment=rule_segment, return_segment_mass=return_segment_mass,
+            return_head_stats=return_head_stats)
+    fired = None
+    if rule_heads is not None:
+        if last_row_only:
+            # the last query row again, explicitly: O(Sk) per head, GQA by reshaping
+            Hk = vv.shape[1]  # Hkv, or Hq when segment factors were folded in per head
+            kr = kk if kk.shape[1] == Hk else k
+            s = (q[:, :, -1:, :].reshape(B, Hk, Hq // Hk, D).float() @ kr.float().transpose(-1, -2)) * scaling
+            s = s.reshape(B, Hq, Sk)
+            if attn_mask is not None:  # without one, the last row sees every key
+                s = s.masked_fill(~attn_mask[:, :, -1, :], float("-inf"))
+            p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
+            in_seg = (seg == rule_segment)[:, None, :]  # [B, 1, Sk]
+            p_seg = p * in_seg
+            fire = (p_seg.sum(-1) >= threshold) & (rule_heads != 0)[None, :]  # [B, Hq]
+            acc_last = (p_seg.reshape(B, Hk, Hq // Hk, Sk) @ vv.float()).reshape(B, Hq, D)
+            corr = torch.where(fire[..., None], (1.0 - rule_scale) * acc_last, 0.0)
+            out[:, :, -1, :] -= corr.to(dt)
+            fired = torch.zeros(B, Hq, Sq, dtype=torch.int8, device=dev)
+            fired[:, :, -1] = fire.to(torch.int8)
+        else:
+            fire = (mass[..., rule_segment] >= threshold) & (rule_heads != 0)[None, :, None]  # [B, Hq, Sq]
+            out -= torch.where(fire[..., None], (1.0 - rule_scale) * acc_seg, torch.zeros((), dtype=dt, device=dev))
+            fired = fire.to(torch.int8)
+    if head_gate is not None:
+        out *= head_gate.to(dt)[:, :, None, None]
+    out = out.transpose(1, 2).to(dt).contiguous()  # the statistics path may have run in fp32
+    if return_rule_fired and fired is None:
+        fired = torch.zeros(B, Hq, Sq, dtype=torch.int8, device=dev)
+    return (out, mass.contiguous() if return_segment_mass else None, stats,
+            fired if return_rule_fired else None)
+
+
+def _sdpa_outputs(q, k, kk, vv, *, seg, S, attn_mask, is_causal, causal, scaling, G, adaptive_all, rule_segment,
+                  return_segment_mass, return_head_stats):
+    """SDPA with extended values: ``(out [B, Hq, Sq, D], mass, acc_seg, stats)``: the
+    segment masses (one-hot columns), the rule segment's part of the output (rows "all") and
+    the head statistics (keys appended for ``sum_j p_j k_j``; log-sum-exp from the CPU flash
+    kernel, the max logit from a blocked pass) as requested, else None."""
+    B, Hq, Sq, D = q.shape
+    Sk = k.shape[2]
+    dev, dt = q.device, q.dtype
     extra = []
     if adaptive_all:
         in_seg = (seg == rule_segment)[:, None, :, None].to(dt)  # [B, 1, Sk, 1]
@@ -217,36 +274,7 @@ def masked_attention_torch(
     stats = None
     if return_head_stats:
         stats = _row_stats(q, k, o[..., col : col + D], lse, attn_mask, bias, causal, scaling)
-    fired = None
-    if rule_heads is not None:
-        if last_row_only:
-            # the last query row again, explicitly: O(Sk) per head, GQA by reshaping
-            Hk = vv.shape[1]  # Hkv, or Hq when segment factors were folded in per head
-            kr = kk if kk.shape[1] == Hk else k
-            s = (q[:, :, -1:, :].reshape(B, Hk, Hq // Hk, D).float() @ kr.float().transpose(-1, -2)) * scaling
-            s = s.reshape(B, Hq, Sk)
-            if attn_mask is not None:  # without one, the last row sees every key
-                s = s.masked_fill(~attn_mask[:, :, -1, :], float("-inf"))
-            p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
-            in_seg = (seg == rule_segment)[:, None, :]  # [B, 1, Sk]
-            p_seg = p * in_seg
-            fire = (p_seg.sum(-1) >= threshold) & (rule_heads != 0)[None, :]  # [B, Hq]
-            acc_last = (p_seg.reshape(B, Hk, Hq // Hk, Sk) @ vv.float()).reshape(B, Hq, D)
-            corr = torch.where(fire[..., None], (1.0 - rule_scale) * acc_last, 0.0)
-            out[:, :, -1, :] -= corr.to(dt)
-            fired = torch.zeros(B, Hq, Sq, dtype=torch.int8, device=dev)
-            fired[:, :, -1] = fire.to(torch.int8)
-        else:
-            fire = (mass[..., rule_segment] >= threshold) & (rule_heads != 0)[None, :, None]  # [B, Hq, Sq]
-            out -= torch.where(fire[..., None], (1.0 - rule_scale) * acc_seg, torch.zeros((), dtype=dt, device=dev))
-            fired = fire.to(torch.int8)
-    if head_gate is not None:
-        out *= head_gate.to(dt)[:, :, None, None]
-    out = out.transpose(1, 2).to(dt).contiguous()  # the statistics path may have run in fp32
-    if return_rule_fired and fired is None:
-        fired = torch.zeros(B, Hq, Sq, dtype=torch.int8, device=dev)
-    return (out, mass.contiguous() if return_segment_mass else None, stats,
-            fired if return_rule_fired else None)
+    return out, mass, acc_seg, stats
 
 
 def _additive_mask(attn_mask):

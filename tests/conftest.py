@@ -13,6 +13,7 @@ GPU_RUN = os.environ.get("AVSS_FAST_GPU_TESTS") == "1"  # tests/test_gpu.py on a
 if not GPU_RUN:
     os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("AVSS_FAST_BACKEND", "torch")
+os.environ.setdefault("AVSS_FAST_NATIVE", "1")  # the compiled CPU kernel must build: no silent fallback
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -27,6 +28,18 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def backend(request, monkeypatch):
     """Run a test once per fast backend (triton = kernels under the interpreter)."""
     monkeypatch.setenv("AVSS_FAST_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture(params=["torch-native", "torch-sdpa", "triton"])
+def stats_backend(request, monkeypatch):
+    """Head statistics by each implementation: the compiled CPU kernel (avss_fast/native.py),
+    the torch path it replaces where it cannot be built (SDPA with extended values and a
+    blocked max pass), and the Triton kernel under the interpreter."""
+    backend, _, path = request.param.partition("-")
+    monkeypatch.setenv("AVSS_FAST_BACKEND", backend)
+    if path:
+        monkeypatch.setenv("AVSS_FAST_NATIVE", "1" if path == "native" else "0")
     return request.param
 
 

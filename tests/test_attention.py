@@ -201,6 +201,7 @@ def test_decode_row_with_every_feature(backend, dtype, mask_kind, nseg):
 # ----------------------------------------------------------------------------- per-row head statistics
 
 
+@pytest.mark.parametrize("rows", ["last", "all"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
     "Sq,Sk,causal,mask_kind",
@@ -208,15 +209,16 @@ def test_decode_row_with_every_feature(backend, dtype, mask_kind, nseg):
      (20, 20, False, "keys"), (9, 300, True, "none")],
     ids=["prefill", "prefill-pad", "decode-pad", "chunked-full", "bidirectional-pad", "long"],
 )
-def test_head_stats_against_reference(backend, dtype, Sq, Sk, causal, mask_kind):
+def test_head_stats_against_reference(stats_backend, dtype, Sq, Sk, causal, mask_kind, rows):
     """Entropy, max logit and first-key mass of every row (and the rule's decisions) equal a
-    materialised softmax's; the attention output is unchanged by asking for them."""
+    materialised softmax's; the attention output is unchanged by asking for them (the rule
+    on the last row only: what the compiled CPU kernel takes; on every row: the torch path)."""
     B, Hq, Hkv = 2, 4, 2
     q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, 16, dtype, seed=Sk)
     keys = torch.ones(B, Sk, dtype=torch.bool)
     keys[0, : Sk // 3] = False  # left padding: early causal rows see nothing
     mask = {"none": None, "keys": keys, "full": keys[:, None, None, :].expand(B, 1, Sq, Sk)}[mask_kind]
-    rule = AttentionRule(heads=(1, 2), segment=1, threshold=0.3, scale=0.0, rows="all")
+    rule = AttentionRule(heads=(1, 2), segment=1, threshold=0.3, scale=0.0, rows=rows)
     kw = dict(scaling=0.4, causal=causal, attention_mask=mask, segment_starts=[0, Sk // 2], adaptive=rule)
     out, mass, stats = masked_attention(q, k, v, return_head_stats=True, **kw)
     assert mass is None and stats.shape == (B, Hq, Sq, 3) and stats.dtype == torch.float32
@@ -233,10 +235,12 @@ def test_head_stats_against_reference(backend, dtype, Sq, Sk, causal, mask_kind)
     assert (st[..., 2] - rs[..., 2]).abs().max() < tol, "sink mass"
     assert (st[~finite][:, [0, 2]] == 0).all()
     plain = masked_attention(q, k, v, **kw)
-    if dtype == torch.float32:
+    native = stats_backend == "torch-native" and Sq > 1  # decode rows take the explicit one-row path
+    if dtype == torch.float32 and not native:
         assert torch.equal(out, plain)
-    else:  # the CPU statistics path computes bf16 in fp32 (more accurate): within rounding
-        assert (out.float() - plain.float()).abs().max() < 2e-2
+    else:  # fp32 arithmetic in another order (the compiled kernel; bf16 in fp32 on the CPU statistics paths)
+        assert (out.float() - plain.float()).abs().max() < (2e-5 if dtype == torch.float32 else 2e-2)
+    assert (out.double() - ref["out"].double()).abs().max() < (2e-5 if dtype == torch.float32 else 2e-2)
 
 
 def test_rule_fired_matches_reference(backend):
@@ -257,7 +261,7 @@ def test_rule_fired_matches_reference(backend):
             assert int(res.fired[..., :-1].sum()) == 0  # only the last row is ever checked
 
 
-def test_head_stats_low_precision_entropy_is_accurate(backend):
+def test_head_stats_low_precision_entropy_is_accurate(stats_backend):
     """Sharp bf16 attention: the entropy (a difference of two large numbers on the CPU path)
     stays within 1e-3 nats of float64."""
     g = torch.Generator().manual_seed(0)

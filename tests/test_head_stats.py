@@ -82,7 +82,7 @@ def _check(report: HeadReport, expected, S):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_forward_with_padding_and_segments(family, backend):
+def test_forward_with_padding_and_segments(family, stats_backend):
     model = make_tiny(family, num_layers=2, heads=4, kv_heads=2, vocab=100)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 100, (3, 11), generator=g)
