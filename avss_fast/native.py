@@ -44,7 +44,6 @@ _FLAG_SETS = (
     ["-O3", "-march=native", "-pthread"],
     ["-O3", "-pthread"],
 )
-_VL, _KEY_PAD = 8, 16  # the kernel's vector width (head dim padding) and key padding
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib": ctypes function or None once tried; "error": why not
@@ -82,8 +81,9 @@ def _cpu_id() -> str:
         return platform.processor() or platform.machine()
 
 
-def _build(cxx: str) -> Path:
-    """Compile the kernel (first flag set that works) into the cache; the path of the library."""
+def _build(cxx: str, defines=()) -> Path:
+    """Compile the kernel (first flag set that works) into the cache; the path of the library.
+    ``defines``: extra ``-D`` macros (tests build the 8-wide variant with ``AVSS_VL=8``)."""
     src = SOURCE.read_bytes()
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
@@ -92,6 +92,7 @@ def _build(cxx: str) -> Path:
     out_dir = cache_dir()
     errors = []
     for flags in _FLAG_SETS:
+        flags = [*flags, *(f"-D{d}" for d in defines)]
         key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), version.encode(), _cpu_id().encode(),
                                          platform.machine().encode()])).hexdigest()[:20]
         lib = out_dir / f"head_stats_attention-{key}.so"
@@ -115,15 +116,16 @@ def _build(cxx: str) -> Path:
     raise RuntimeError("could not compile " + SOURCE.name + ":\n" + "\n".join(errors))
 
 
-def _load():
+def _load(defines=()):
     P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
-    lib = ctypes.CDLL(str(_build(cxx)))
+    lib = ctypes.CDLL(str(_build(cxx, defines)))
     fn = lib.avss_head_stats_attention
     fn.argtypes = [P, L, L, L, P, P, P, L, L, L, P, I, P, L, L, L, P, P] + [I] * 10 + [ctypes.c_float, I]
     fn.restype = I
+    fn.vector_width = int(lib.avss_vector_width())  # head dims pad to it, keys to twice it
     return fn
 
 
@@ -172,8 +174,9 @@ def head_stats_attention(fn, q, k, v, *, scaling: float, causal: bool, attn_mask
     Hv = v.shape[1]
     if Hq % Hk or Hq % Hv or v.shape[2] != Sk or v.shape[3] != D or k.shape[3] != D:
         raise ValueError(f"head_stats_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit")
-    Dp = -(-D // _VL) * _VL
-    Skp = -(-Sk // _KEY_PAD) * _KEY_PAD
+    VL = fn.vector_width
+    Dp = -(-D // VL) * VL
+    Skp = -(-Sk // (2 * VL)) * (2 * VL)
     qf = q.float()
     if qf.stride(-1) != 1:
         qf = qf.contiguous()

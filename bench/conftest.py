@@ -50,6 +50,7 @@ RATIOS = {
     "pruning": ("pruned", "original", "pruned / original forward (time)", 0.8, "max"),
     "attention-eager-info": ("eager", "adaptive", "eager materialised / adaptive (speed-up)", None, "min"),
     "head-stats": ("head_scorer", "plain_forward", "HeadScorer forward / plain SDPA forward (time)", 1.3, "max"),
+    "head-stats-info": ("head_scorer", "plain_forward", "HeadScorer forward / plain SDPA forward (time)", None, "max"),
     "attribution": ("loop", "batched", "one-head loop / batched attribute_heads (speed-up)", 4.0, "min"),
 }
 

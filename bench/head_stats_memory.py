@@ -14,6 +14,7 @@ import os
 import sys
 
 os.environ.setdefault("AVSS_FAST_BACKEND", "torch")
+os.environ.setdefault("AVSS_FAST_NATIVE", "1")  # the compiled CPU statistics kernel
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402

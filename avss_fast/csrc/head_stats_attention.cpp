@@ -25,7 +25,14 @@
 
 namespace {
 
-constexpr int VL = 8;   // floats per vector
+#ifndef AVSS_VL
+#if defined(__AVX512F__)
+#define AVSS_VL 16
+#else
+#define AVSS_VL 8
+#endif
+#endif
+constexpr int VL = AVSS_VL;  // floats per vector: 16 with AVX-512, else 8 (AVX2, NEON pairs)
 constexpr int BQ = 32;  // query rows per work item
 constexpr int BK = 64;  // keys per block
 typedef float vf __attribute__((vector_size(VL * 4)));
@@ -180,7 +187,8 @@ void run_item(Args& A, int item, float (*sc)[BK], float* o, float* segacc, int* 
     const int lim = r0 + nrows - 1 + offset + 1;
     hi = lim < hi ? lim : hi;
   }
-  const vf iota = {0, 1, 2, 3, 4, 5, 6, 7};
+  vf iota;
+  for (int t = 0; t < VL; ++t) iota[t] = (float)t;
   for (int j0 = 0; j0 < hi; j0 += BK) {
     const int nk = hi - j0 < BK ? hi - j0 : BK;
     const int nvk = ((nk + 2 * VL - 1) / (2 * VL)) * 2;  // even: the micro tile takes 2 vectors
@@ -305,6 +313,9 @@ void* work_thread(void* arg) {
 #endif
 
 }  // namespace
+
+// The vector width the caller pads to: Dp a multiple of it, Skp of twice it.
+extern "C" int avss_vector_width() { return VL; }
 
 extern "C" int avss_head_stats_attention(
     const float* q, int64_t q_sb, int64_t q_sh, int64_t q_ss,
