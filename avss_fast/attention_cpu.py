@@ -18,7 +18,8 @@ Sq x Sk is built unless the caller's mask already is one (padding with causal ma
   cheaper than SDPA plus the extra columns at this size.
 * Head statistics (``return_head_stats``) with more than one query row go to the compiled
   kernel of :mod:`avss_fast.native` when it builds (one pass at the head's own width),
-  except with the rule on every row; otherwise :func:`_sdpa_outputs` (the flash kernel
+  except with the rule on every row or when autograd must see the output (the kernel is
+  forward only); otherwise :func:`_sdpa_outputs` (the flash kernel
   with the keys appended to the values, and a blocked pass for the max logit).
 * Causal masking is bottom-right aligned: ``is_causal`` when Sq == Sk, no mask when
   Sq == 1 (decode), an explicit [Sq, Sk] mask otherwise (chunked prefill).
@@ -177,7 +178,8 @@ def masked_attention_torch(
         f = torch.gather(segment_scale, 2, seg[:, None, :].expand(B, Hq, Sk))  # [B, Hq, Sk]
         vv = (v.repeat_interleave(G, dim=1) if G > 1 else v) * f[..., None].to(dt)
     adaptive_all = rule_heads is not None and not last_row_only
-    fn = native.kernel() if return_head_stats and not adaptive_all and native.supports(q) else None
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    fn = native.kernel() if return_head_stats and not adaptive_all and not grad and native.supports(q) else None
     acc_seg = None
     if fn is not None:  # one compiled pass: output, statistics and masses at the narrow width
         out, stats, mass = native.head_stats_attention(

@@ -10,10 +10,12 @@ does everything in one online-softmax pass at the narrow width.
 
 Build: ``$CXX`` (or ``c++``/``g++``/``clang++``) with ``-O3 -march=native -fopenmp``,
 falling back to fewer flags; the library is cached under ``$AVSS_FAST_CACHE`` (default
-``~/.cache/avss_fast``), keyed by the source, flags, compiler and CPU, and written
-atomically (concurrent processes are safe). With OpenMP the kernel runs in torch's own
-OpenMP pool (the runtime torch already loaded shares its soname), sized by
-``torch.get_num_threads()``.
+``~/.cache/avss_fast``; a private folder in the temporary directory when that cannot be
+written), keyed by the source, flags, compiler, CPU and OpenMP runtime. It is compiled in
+a private folder and moved in whole (concurrent processes are safe), readable by all. With
+OpenMP the kernel runs in torch's own OpenMP pool, sized by ``torch.get_num_threads()``:
+the runtime torch loaded is reused by soname (``libgomp.so.1``) or, under another name,
+linked explicitly (:func:`openmp_runtime`).
 
 ``AVSS_FAST_NATIVE``: ``auto`` (default: use it when it builds, else warn once and use the
 torch path), ``0`` (never), ``1`` (required: raise when it cannot be built).
@@ -25,6 +27,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -61,12 +64,28 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "avss_fast"
 
 
-def _compiler() -> str | None:
-    cands = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
-    for c in cands:
+def _out_dirs() -> list[Path]:
+    """Where a build may go: the cache, else a private folder in the temporary directory
+    (a read-only or missing home)."""
+    dirs = []
+    try:
+        dirs.append(cache_dir())
+    except (RuntimeError, KeyError):  # Path.home() without a home
+        pass
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    dirs.append(Path(tempfile.gettempdir()) / f"avss_fast-{uid}")
+    return dirs
+
+
+def _compiler() -> list[str] | None:
+    """The compiler command (``$CXX`` may carry arguments, e.g. ``ccache g++``)."""
+    if os.environ.get("CXX"):
+        cmd = shlex.split(os.environ["CXX"])
+        return cmd if cmd and shutil.which(cmd[0]) else None
+    for c in ("c++", "g++", "clang++"):
         path = shutil.which(c)
         if path:
-            return path
+            return [path]
     return None
 
 
@@ -81,47 +100,97 @@ def _cpu_id() -> str:
         return platform.processor() or platform.machine()
 
 
-def _build(cxx: str, defines=()) -> Path:
-    """Compile the kernel (first flag set that works) into the cache; the path of the library.
-    ``defines``: extra ``-D`` macros (tests build the 8-wide variant with ``AVSS_VL=8``)."""
-    src = SOURCE.read_bytes()
+def openmp_runtime() -> str | None:
+    """The OpenMP runtime this process has loaded (torch's), from /proc/self/maps; None if
+    none is visible. A runtime named other than ``libgomp.so.1`` (a renamed bundled copy,
+    Intel's libiomp5) is linked explicitly, so that the kernel runs on torch's thread pool
+    and not on a second one competing with it."""
     try:
-        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        parts = line.split()
+        name = os.path.basename(parts[-1]) if len(parts) >= 6 else ""
+        if name.startswith(("libgomp", "libiomp5", "libomp")) and ".so" in name:
+            return parts[-1]
+    return None
+
+
+def _commands(cxx, flags, out: Path, runtime):
+    """Compiler invocations that build the library at ``out`` with ``flags``."""
+    common = [*cxx, *flags, "-std=c++17", "-fPIC"]
+    if "-fopenmp" in flags and runtime and os.path.basename(runtime) != "libgomp.so.1":
+        obj = out.with_suffix(".o")
+        return [[*common, "-c", str(SOURCE), "-o", str(obj)],
+                [*cxx, "-shared", str(obj), runtime, f"-Wl,-rpath,{os.path.dirname(runtime)}", "-o", str(out)]]
+    return [[*common, "-shared", str(SOURCE), "-o", str(out)]]
+
+
+def _build(cxx, defines=(), *, dirs=None, runtime: str | None = "auto", skip: Path | None = None) -> Path:
+    """Compile the kernel (first flag set that works) into the cache; the path of the library.
+    ``defines``: extra ``-D`` macros (tests build the 8-wide variant with ``AVSS_VL=8``);
+    ``runtime``: the OpenMP runtime to link ("auto": :func:`openmp_runtime`); ``skip``: a
+    cached library that would not load (built anew elsewhere)."""
+    src = SOURCE.read_bytes()
+    if runtime == "auto":
+        runtime = openmp_runtime()
+    try:
+        version = subprocess.run([*cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
-    out_dir = cache_dir()
+    dirs = _out_dirs() if dirs is None else dirs
     errors = []
     for flags in _FLAG_SETS:
         flags = [*flags, *(f"-D{d}" for d in defines)]
-        key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), version.encode(), _cpu_id().encode(),
-                                         platform.machine().encode()])).hexdigest()[:20]
-        lib = out_dir / f"head_stats_attention-{key}.so"
-        if lib.exists():
-            return lib
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-        os.close(fd)
-        cmd = [cxx, *flags, "-std=c++17", "-fPIC", "-shared", str(SOURCE), "-o", tmp]
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.SubprocessError) as e:
+        key = hashlib.sha256(b"\0".join(x.encode() for x in [
+            " ".join(flags), version, _cpu_id(), platform.machine(), str(runtime)]) + src).hexdigest()[:20]
+        name = f"head_stats_attention-{key}.so"
+        for d in dirs:
+            lib = d / name
+            if lib.exists() and lib != skip:
+                return lib
+        out_dir = None
+        for d in dirs:
+            if (d / name) == skip:
+                continue
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+                work = Path(tempfile.mkdtemp(prefix=".build-", dir=d))
+                out_dir = d
+                break
+            except OSError as e:
+                errors.append(f"{d}: {e}")
+        if out_dir is None:
+            break
+        try:  # the compiler writes into a private folder; the finished library is moved in whole
             res = None
-            errors.append(f"{' '.join(flags)}: {e}")
-        if res is not None and res.returncode == 0:
-            os.replace(tmp, lib)  # atomic: a concurrent build of the same key writes the same bytes
-            return lib
-        if res is not None:
+            for cmd in _commands(cxx, flags, work / name, runtime):
+                res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+                if res.returncode != 0:
+                    break
+            if res is not None and res.returncode == 0:
+                os.chmod(work / name, 0o755)  # other users of a shared cache can load it
+                os.replace(work / name, out_dir / name)  # atomic; a concurrent build writes the same bytes
+                return out_dir / name
             errors.append(f"{' '.join(flags)}: {(res.stderr or res.stdout).strip()[-400:]}")
-        Path(tmp).unlink(missing_ok=True)
+        except (OSError, subprocess.SubprocessError) as e:
+            errors.append(f"{' '.join(flags)}: {e}")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     raise RuntimeError("could not compile " + SOURCE.name + ":\n" + "\n".join(errors))
 
 
-def _load(defines=()):
+def _load(defines=(), **build):
     P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
-    lib = ctypes.CDLL(str(_build(cxx, defines)))
+    path = _build(cxx, defines, **build)
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError:  # a cached library this process cannot load (permissions, a foreign build): build anew
+        lib = ctypes.CDLL(str(_build(cxx, defines, skip=path, **build)))
     fn = lib.avss_head_stats_attention
     fn.argtypes = [P, L, L, L, P, P, P, L, L, L, P, I, P, L, L, L, P, P] + [I] * 10 + [ctypes.c_float, I]
     fn.restype = I
@@ -141,7 +210,8 @@ def kernel():
                 try:
                     _state["lib"] = _load()
                 except Exception as e:  # noqa: BLE001 - any build or load failure means: no native kernel
-                    _state["lib"], _state["error"] = None, f"{type(e).__name__}: {e}"
+                    _state["error"] = f"{type(e).__name__}: {e}"
+                    _state["lib"] = None  # set last: readers outside the lock see "error" first
                     if m == "auto":
                         warnings.warn(
                             "avss_fast: the compiled CPU attention-statistics kernel is unavailable "
@@ -168,41 +238,52 @@ def head_stats_attention(fn, q, k, v, *, scaling: float, causal: bool, attn_mask
 
     Returns ``(out [B, Hq, Sq, D] fp32, stats [B, Hq, Sq, 3] = (entropy, max logit, sink
     mass), mass [B, Hq, Sq, S] or None)``; ``mass`` (S = 1 without segments) only with
-    ``want_mass``. Rows with no allowed key: out 0, entropy 0, max logit -inf, sink 0."""
+    ``want_mass``. Rows with no allowed key: out 0, entropy 0, max logit -inf, sink 0; rows
+    with a NaN or +Inf logit among their allowed keys: NaN everywhere."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"head_stats_attention: q, k, v must be 4-D, got {q.dim()}, {k.dim()}, {v.dim()}")
     B, Hq, Sq, D = q.shape
     Hk, Sk = k.shape[1], k.shape[2]
     Hv = v.shape[1]
-    if Hq % Hk or Hq % Hv or v.shape[2] != Sk or v.shape[3] != D or k.shape[3] != D:
+    if (k.shape[0] != B or v.shape[0] != B or Hq % Hk or Hq % Hv
+            or v.shape[2] != Sk or v.shape[3] != D or k.shape[3] != D):
         raise ValueError(f"head_stats_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit")
+    for t in (q, k, v):
+        if t.device.type != "cpu":
+            raise ValueError(f"head_stats_attention runs on CPU tensors, got {t.device}")
+    f32 = dict(dtype=torch.float32, device="cpu")  # whatever torch's default dtype and device
     VL = fn.vector_width
     Dp = -(-D // VL) * VL
     Skp = -(-Sk // (2 * VL)) * (2 * VL)
     qf = q.float()
     if qf.stride(-1) != 1:
         qf = qf.contiguous()
-    kt = k.new_zeros(B, Hk, D, Skp, dtype=torch.float32)
+    kt = torch.zeros(B, Hk, D, Skp, **f32)
     kt[..., :Sk] = k.transpose(-1, -2)
     vp = (F.pad(v.float(), (0, Dp - D)) if Dp != D else v.float()).contiguous()
-    out = torch.empty(B, Sq, Hq, Dp).transpose(1, 2)  # written as [B, Sq, Hq, D]: what the caller returns
-    stats = torch.empty(B, Hq, Sq, 3)
+    out = torch.empty(B, Sq, Hq, Dp, **f32).transpose(1, 2)  # written as [B, Sq, Hq, D]: what the caller returns
+    stats = torch.empty(B, Hq, Sq, 3, **f32)
     seg, S, mass = None, 0, None
-    if want_mass or segment_starts is not None:
+    if want_mass:
         if segment_starts is not None:
-            seg = segment_ids(segment_starts.to(torch.long), Sk).to(torch.int32).contiguous()
+            if segment_starts.dim() != 2 or segment_starts.shape[0] not in (1, B) or segment_starts.shape[1] < 1:
+                raise ValueError(f"segment_starts must be [B or 1, S], got {tuple(segment_starts.shape)}")
             S = segment_starts.shape[1]
+            seg = segment_ids(segment_starts.to(torch.long), Sk).expand(B, Sk)
         else:
-            seg, S = torch.zeros(B, Sk, dtype=torch.int32), 1
-        if want_mass:
-            mass = torch.empty(B, Hq, Sq, S)
-        else:
-            seg, S = None, 0
+            S, seg = 1, torch.zeros(B, Sk, dtype=torch.long)
+        seg = seg.to(torch.int32).contiguous()  # ids in [0, S): the kernel indexes its S sums with them
+        mass = torch.empty(B, Hq, Sq, S, **f32)
     mk, m_strides = None, (0, 0, 0)
     if attn_mask is not None:
+        ms = tuple(attn_mask.shape)
+        if attn_mask.dim() != 4 or ms[0] not in (1, B) or ms[1] not in (1, Hq) or ms[2] not in (1, Sq) or ms[3] != Sk:
+            raise ValueError(f"attn_mask must be [B or 1, Hq or 1, Sq or 1, Sk] = [{B}, {Hq}, {Sq}, {Sk}], got {ms}")
         mk = attn_mask.to(torch.bool)
         if mk.stride(-1) != 1:
             mk = mk.contiguous()
-        mk = mk.view(torch.uint8)
-        m_strides = (mk.stride(0), mk.stride(1) if mk.shape[1] > 1 else 0, mk.stride(2))
+        mk = mk.expand(B, ms[1], Sq, Sk).view(torch.uint8)  # broadcast dimensions get stride 0
+        m_strides = (mk.stride(0), mk.stride(1) if ms[1] > 1 else 0, mk.stride(2))
 
     def ptr(t):
         return None if t is None else t.data_ptr()

@@ -156,6 +156,77 @@ def test_bad_layout_is_refused(fn):
     q, k, v = _inputs(1, 3, 2, 2, 4, 4, 8, torch.float32, seed=0)
     with pytest.raises(ValueError, match="do not fit"):
         native.head_stats_attention(fn, q, k, v, scaling=1.0, causal=True)
+    q, k, v = _inputs(2, 4, 2, 2, 5, 7, 8, torch.float32, seed=0)
+    for bad in (torch.ones(2, 3, 5, 7, dtype=torch.bool), torch.ones(2, 1, 5, 6, dtype=torch.bool),
+                torch.ones(3, 1, 5, 7, dtype=torch.bool), torch.ones(5, 7, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="attn_mask must be"):
+            native.head_stats_attention(fn, q, k, v, scaling=1.0, causal=True, attn_mask=bad)
+    with pytest.raises(ValueError, match="segment_starts must be"):
+        native.head_stats_attention(fn, q, k, v, scaling=1.0, causal=True, want_mass=True,
+                                    segment_starts=torch.zeros(3, 2, dtype=torch.int32))
+
+
+def test_broadcast_mask_and_starts(fn):
+    """A mask of batch 1 (and one row for all rows) and segment starts of batch 1 apply to
+    every sample: the kernel is given stride 0 and expanded ids, never reads past them."""
+    B, Hq, Sq, Sk = 3, 4, 19, 41
+    q, k, v = _inputs(B, Hq, 2, 2, Sq, Sk, 16, torch.float32, seed=4)
+    big = torch.zeros(2, 1, Sq, Sk, dtype=torch.bool)  # a view whose neighbour memory says "masked"
+    big[0] = torch.rand(1, Sq, Sk, generator=torch.Generator().manual_seed(0)) > 0.4
+    starts = torch.tensor([[0, 11, 30]], dtype=torch.int32)
+    for mask in (big[:1], big[:1, :, 4:5].expand(1, 1, 1, Sk)[:, :, :1]):
+        out, stats, mass = native.head_stats_attention(fn, q, k, v, scaling=0.3, causal=False, attn_mask=mask,
+                                                       segment_starts=starts, want_mass=True)
+        ref = _reference(q, k, v, scaling=0.3, causal=False, mask=mask.expand(B, 1, Sq, Sk),
+                         starts=starts.long().expand(B, 3))
+        torch.testing.assert_close(out.double(), ref["out"].transpose(1, 2), rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(mass.double(), ref["mass"].double(), rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(stats.double(), ref["stats"].double(), rtol=2e-5, atol=2e-5)
+
+
+def test_nan_or_inf_logits_give_nan_rows(fn):
+    """A NaN in a query row, or an infinite key, makes the rows that see it NaN in every
+    output (not a silently finite or "no key" answer); other rows are unaffected."""
+    q, k, v = _inputs(1, 2, 1, 1, 6, 6, 8, torch.float32, seed=2)
+    clean = native.head_stats_attention(fn, q, k, v, scaling=0.3, causal=True, want_mass=True)
+    q[0, 0, 3, 2] = float("nan")
+    k[0, 0, 4, 0] = float("inf")
+    out, stats, mass = native.head_stats_attention(fn, q, k, v, scaling=0.3, causal=True, want_mass=True)
+    sees_inf = torch.zeros(2, 6, dtype=torch.bool)
+    sees_inf[:, 4:] = (q[0, :, 4:, 0] * 0.3 > 0)  # +Inf logit where q_0 > 0 (-Inf is a zero weight)
+    bad = sees_inf.clone()
+    bad[0, 3] = True
+    assert torch.isnan(stats[0][bad]).all() and torch.isnan(out[0][bad]).all() and torch.isnan(mass[0][bad]).all()
+    ok = ~bad
+    ok[:, 4:] = False  # rows that see the infinite key with a negative weight differ from the clean run
+    assert torch.equal(stats[0][ok], clean[1][0][ok]) and torch.equal(out[0][ok], clean[0][0][ok])
+
+
+def test_default_dtype_and_autograd(fn, monkeypatch):
+    """The buffers are fp32 whatever torch's default dtype; with autograd recording, the
+    forward-only kernel is not used (the output keeps its graph)."""
+    from avss_fast.ops import masked_attention
+
+    q, k, v = _inputs(1, 2, 1, 1, 7, 7, 8, torch.float32, seed=6)
+    want = native.head_stats_attention(fn, q, k, v, scaling=0.3, causal=True)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = native.head_stats_attention(fn, q, k, v, scaling=0.3, causal=True)
+    finally:
+        torch.set_default_dtype(prev)
+    assert got[0].dtype == torch.float32 and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    calls = []
+    real = native.head_stats_attention
+    monkeypatch.setattr(native, "head_stats_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    qg = q.clone().requires_grad_()
+    out, _, stats = masked_attention(qg, k, v, scaling=0.3, return_head_stats=True)
+    assert not calls and out.grad_fn is not None
+    out.sum().backward()
+    assert qg.grad is not None and torch.isfinite(qg.grad).all()
+    with torch.no_grad():
+        masked_attention(qg, k, v, scaling=0.3, return_head_stats=True)
+    assert calls
 
 
 def test_dispatch_takes_the_compiled_kernel(monkeypatch):
@@ -193,6 +264,7 @@ def test_build_is_cached(fresh_loader, monkeypatch):
     assert native.kernel() is not None
     libs = list(fresh_loader.glob("head_stats_attention-*.so"))
     assert len(libs) == 1
+    assert libs[0].stat().st_mode & 0o755 == 0o755  # other users of a shared cache can load it
     stamp = libs[0].stat().st_mtime_ns
     monkeypatch.setattr(native, "_state", {})
     assert native.kernel() is not None  # loaded again from the cache, not rebuilt
@@ -222,3 +294,45 @@ def test_switches(monkeypatch):
     with pytest.raises(ValueError, match="AVSS_FAST_NATIVE"):
         native.kernel()
     assert os.path.exists(native.SOURCE)
+
+
+def test_unwritable_cache_falls_back_to_a_private_temporary_folder(monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("AVSS_FAST_CACHE", str(blocker / "cache"))
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setenv("AVSS_FAST_NATIVE", "1")
+    assert native.kernel() is not None
+    assert list((tmp_path / "tmp").glob("avss_fast-*/head_stats_attention-*.so"))
+
+
+def test_compiler_with_arguments_and_explicit_openmp_runtime(tmp_path, monkeypatch):
+    """``CXX`` may carry a wrapper (``env g++``); an OpenMP runtime under another name than
+    libgomp.so.1 (torch wheels that bundle a renamed copy) is linked by path."""
+    import shutil
+
+    monkeypatch.setenv("CXX", "env " + (shutil.which("g++") or shutil.which("c++") or "c++"))
+    runtime = native.openmp_runtime()
+    if runtime is None:  # torch without a visible OpenMP runtime: only the wrapper is tested
+        f = native._load(dirs=[tmp_path])
+    else:
+        renamed = tmp_path / "rt" / "libgomp-renamed.so.1"
+        renamed.parent.mkdir()
+        shutil.copy(runtime, renamed)
+        f = native._load(dirs=[tmp_path], runtime=str(renamed))
+        lib = next(tmp_path.glob("head_stats_attention-*.so"))
+        if shutil.which("readelf"):  # linked by path: its folder is on the run path
+            dyn = subprocess_output(["readelf", "-d", str(lib)])
+            assert str(renamed.parent) in dyn and "libgomp" in dyn
+    q, k, v = _inputs(2, 4, 2, 2, 40, 40, 24, torch.float32, seed=8)
+    want = native.head_stats_attention(native.kernel(), q, k, v, scaling=0.2, causal=True)
+    got = native.head_stats_attention(f, q, k, v, scaling=0.2, causal=True)
+    if f.vector_width == native.kernel().vector_width:
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def subprocess_output(cmd):
+    import subprocess
+
+    return subprocess.run(cmd, capture_output=True, text=True).stdout

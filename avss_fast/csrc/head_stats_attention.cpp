@@ -8,7 +8,8 @@
 // rescaled by e^{m_old - m_new} when m grows (a also gains (m_old - m_new) l_old). At the end
 //   out = o / l,  lse = m + ln l,  entropy = -sum p ln p = ln l - a / l,  max logit = m,
 //   sink = p at the row's first allowed key = e^{s_first - lse},  mass_g = c_g / l.
-// A row with no allowed key gives out 0, entropy 0, max logit -inf, sink 0, masses 0.
+// A row with no allowed key gives out 0, entropy 0, max logit -inf, sink 0, masses 0; a row
+// with a NaN or +Inf logit among its allowed keys gives NaN in every output.
 //
 // Compiled on first use by avss_fast/native.py (g++ -O3 -march=native) and called through
 // ctypes, which releases the GIL; work items (query blocks, longest first) are shared among
@@ -177,8 +178,10 @@ void run_item(Args& A, int item, float (*sc)[BK], float* o, float* segacc, int* 
   const int32_t* seg = A.seg ? A.seg + (int64_t)b * A.Sk : nullptr;
 
   float m[BQ], l[BQ], a[BQ], sfirst[BQ];
-  bool seen[BQ];
-  for (int r = 0; r < nrows; ++r) { m[r] = -INFINITY; l[r] = 0.f; a[r] = 0.f; sfirst[r] = 0.f; seen[r] = false; }
+  bool seen[BQ], bad[BQ];
+  for (int r = 0; r < nrows; ++r) {
+    m[r] = -INFINITY; l[r] = 0.f; a[r] = 0.f; sfirst[r] = 0.f; seen[r] = false; bad[r] = false;
+  }
   memset(o, 0, sizeof(float) * nrows * A.Dp);
   if (S > 0) memset(segacc, 0, sizeof(float) * nrows * S);
 
@@ -228,10 +231,17 @@ void run_item(Args& A, int item, float (*sc)[BK], float* o, float* segacc, int* 
       } else {
         first = 0;
       }
-      for (int c = 0; c < nvk; ++c) mx = mx > load(s + c * VL) ? mx : load(s + c * VL);
+      const vf pinf = splat(INFINITY);
+      vi fin = iota == iota;  // all lanes true
+      for (int c = 0; c < nvk; ++c) {
+        const vf x = load(s + c * VL);
+        mx = mx > x ? mx : x;
+        fin &= x < pinf;  // false for NaN and +Inf (masked keys are -Inf)
+      }
+      for (int t = 0; t < VL; ++t) bad[r] |= !fin[t];
       if (!seen[r] && first >= 0) { seen[r] = true; sfirst[r] = s[first]; }
       const float mb = hmax(mx);
-      if (mb == -INFINITY) {  // every key of the block masked for this row
+      if (mb == -INFINITY || bad[r]) {  // every key of the block masked for this row, or a NaN/+Inf logit
         for (int c = 0; c < nvk; ++c) store(s + c * VL, vf{});
         continue;
       }
@@ -269,6 +279,12 @@ void run_item(Args& A, int item, float (*sc)[BK], float* o, float* segacc, int* 
     float* out = A.out + b * A.o_sb + h * A.o_sh + (int64_t)i * A.o_ss;
     float* st = A.stats + (((int64_t)b * A.Hq + h) * A.Sq + i) * 3;
     float* ms = A.mass ? A.mass + (((int64_t)b * A.Hq + h) * A.Sq + i) * S : nullptr;
+    if (bad[r]) {  // a NaN or +Inf logit: nothing of the row is meaningful
+      for (int x = 0; x < A.Dp; ++x) out[x] = NAN;
+      st[0] = st[1] = st[2] = NAN;
+      if (ms) for (int g = 0; g < S; ++g) ms[g] = NAN;
+      continue;
+    }
     if (!(l[r] > 0.f)) {
       for (int x = 0; x < A.Dp; ++x) out[x] = 0.f;
       st[0] = 0.f; st[1] = -INFINITY; st[2] = 0.f;
