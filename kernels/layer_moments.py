@@ -7,9 +7,13 @@ Three launches, none of which waits on the host:
    the one read of the activation. A program walks its tokens in tiles of BLOCK_T rows
    (padding rows are not loaded) and per tile
 
-   * adds the tile into elementwise column-sum registers (reduced once, at the end: the
-     partials of the per-sample token mean behind the AVSS pooled variance);
-   * counts near-zero values ``|h| < eps`` (padding rows get threshold 0: never counted);
+   * adds the tile's column sums into [BLOCK_D] registers (the partials of the per-sample
+     token mean behind the AVSS pooled variance) and its per-column near-zero counts
+     ``|h| < eps`` into [BLOCK_D] counters (padding rows get threshold 0: never counted).
+     A tile's rows lie within each thread in the GPU layouts, so the per-tile sums are
+     in-thread adds; [BLOCK_T, BLOCK_D] accumulators (the earlier form) cost twice the
+     tile's registers in both passes and pushed the kernel to 255 registers with spills
+     (bench/gpu_sass_stats.py);
    * stores, for each token, the count, mean and M2 of its values in this hidden chunk,
      two passes over the tile in registers: ``mean = sum h / n``,
      ``M2 = sum (h - mean)^2``.
@@ -56,9 +60,9 @@ def _exact_pass(
 ):
     """The program's range again with every value tested: (column sums, column counts,
     near-zero count, non-finite count); rewrites the per-token chunk partials."""
-    col_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    col_cnt = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)
-    nz_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)
+    col_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    col_cnt = tl.zeros([BLOCK_D], dtype=tl.int32)
+    nz_acc = tl.zeros([BLOCK_D], dtype=tl.int32)
     n_bad = tl.zeros([BLOCK_T], dtype=tl.int32)
     for t0 in range(t_begin, t_end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
@@ -70,8 +74,8 @@ def _exact_pass(
         v = ok & (tl.abs(x) <= FLT_MAX)
         xz = tl.where(v, x, 0.0)
         vi = v.to(tl.int32)
-        col_acc += xz
-        col_cnt += vi
+        col_acc += tl.sum(xz, axis=0)
+        col_cnt += tl.sum(vi, axis=0)
         n_i = tl.sum(vi, axis=1)
         n = n_i.to(tl.float32)
         mean = tl.sum(xz, axis=1) / tl.maximum(n, 1.0)
@@ -84,10 +88,9 @@ def _exact_pass(
             thr = tl.load(thr_ptr + b * T + offs_t, mask=in_t, other=0.0)[:, None]
         else:
             thr = eps
-        nz_acc += (v & (tl.abs(x) < thr)).to(tl.int32)
+        nz_acc += tl.sum((v & (tl.abs(x) < thr)).to(tl.int32), axis=0)
         n_bad += tl.sum(ok.to(tl.int32), axis=1) - n_i
-    nz = tl.sum(tl.sum(nz_acc, axis=1), axis=0)
-    return tl.sum(col_acc, axis=0), tl.sum(col_cnt, axis=0), nz, tl.sum(n_bad, axis=0)
+    return col_acc, col_cnt, tl.sum(nz_acc, axis=0), tl.sum(n_bad, axis=0)
 
 
 @triton.jit
@@ -115,8 +118,8 @@ def _layer_moments_kernel(
     t_begin = sp * rows_per_split
     t_end = tl.minimum(T, t_begin + rows_per_split)
 
-    col_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    nz_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)
+    col_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    nz_acc = tl.zeros([BLOCK_D], dtype=tl.int32)
     n_rows = tl.zeros([BLOCK_T], dtype=tl.int32)
     bad = tl.zeros([BLOCK_T], dtype=tl.int32)
     for t0 in range(t_begin, t_end, BLOCK_T):
@@ -140,7 +143,7 @@ def _layer_moments_kernel(
         tl.store(rp + 1, mean, mask=in_t)
         tl.store(rp + 2, m2, mask=in_t)
         bad += (~(m2 <= FLT_MAX)).to(tl.int32)  # NaN or Inf in the row (padding rows: M2 = 0)
-        col_acc += x
+        col_acc += tl.sum(x, axis=0)
         if USE_THR:
             thr = tl.load(thr_ptr + b * T + offs_t, mask=in_t, other=0.0)
         else:
@@ -149,12 +152,12 @@ def _layer_moments_kernel(
         near = tl.abs(x) < thr_row[:, None]
         if not EVEN_D:
             near = near & in_d[None, :]
-        nz_acc += near.to(tl.int32)
+        nz_acc += tl.sum(near.to(tl.int32), axis=0)
         n_rows += row_ok.to(tl.int32)
 
-    col_sum = tl.sum(col_acc, axis=0)
+    col_sum = col_acc
     col_cnt = tl.zeros([BLOCK_D], dtype=tl.int32) + tl.sum(n_rows, axis=0)
-    nz = tl.sum(tl.sum(nz_acc, axis=1), axis=0)
+    nz = tl.sum(nz_acc, axis=0)
     nonfinite = nz * 0
     if tl.sum(bad, axis=0) > 0:  # rare: a NaN/Inf (or an fp32 overflow) in this range, redo it exactly
         tl.debug_barrier()  # the fast pass's stores to the row partials land first

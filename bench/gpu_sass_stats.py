@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Offline look at the layer_moments one-read kernel's machine code, no GPU needed: compile
+``_layer_moments_kernel`` for an NVIDIA target (default sm_90) with the ptxas/nvdisasm that
+ship with Triton, for each candidate tile layout, and count the SASS instructions of its
+hot loop (the fast pass over one [BLOCK_T, BLOCK_D] tile) per activation value, with the
+loop's local-memory traffic (register spills), its barriers and its shuffles.
+
+Why: the kernel is instruction-bound on an H200 in bf16 (bench/README.md). At ~2e12
+bf16 values/s (copy bandwidth) a GPU issuing one warp instruction per scheduler per cycle
+has ~16 thread instructions per value to spend (132 SMs x 4 x 1.98 GHz x 32 lanes / 2.15e12
+values/s on an H200), less what stalls cost. A layout with fewer instructions per value
+and no spills is the one to time first on a GPU (``bench/gpu_sweep_stats.py``). From the
+repo root:
+
+    python bench/gpu_sass_stats.py [--arch 90] [--dtype bf16 fp32] [--json out.json]
+
+Arguments are specialised as a real launch on [16, 4096, 4096] would be (pointers and
+sizes divisible by 16, no padding mask, the absolute threshold, EVEN_D).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for real
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+LAYOUTS = list(itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8)))  # BLOCK_T, BLOCK_D, warps
+
+
+def _layouts(spec: str | None):
+    """``--layouts 8x1024x4,4x1024x4`` (BLOCK_T x BLOCK_D x warps), default: all of LAYOUTS."""
+    if not spec:
+        return LAYOUTS
+    return [tuple(int(x) for x in item.split("x")) for item in spec.split(",")]
+SIGNATURE = {
+    "x_ptr": None, "mask_ptr": "*i64", "thr_ptr": "*fp32", "colsum_ptr": "*fp32", "colcnt_ptr": "*i32",
+    "rowpart_ptr": "*fp32", "cnt_ptr": "*i32", "T": "i32", "D": "i32", "rows_per_split": "i32",
+    "stride_xb": "i64", "stride_xt": "i64", "stride_mb": "i64", "stride_mt": "i64", "eps": "fp32",
+    "HAS_MASK": "constexpr", "USE_THR": "constexpr", "EVEN_D": "constexpr", "BLOCK_T": "constexpr",
+    "BLOCK_D": "constexpr",
+}
+DIVISIBLE = ("x_ptr", "mask_ptr", "thr_ptr", "colsum_ptr", "colcnt_ptr", "rowpart_ptr", "cnt_ptr", "T", "D",
+             "rows_per_split", "stride_xb", "stride_xt", "stride_mb")
+_INSTR = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s*(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_BRANCH = re.compile(r"BRA\s+`\((\.L_x_\d+)\)")
+
+
+def compile_sass(dtype: str, block_t: int, block_d: int, warps: int, arch: int) -> tuple[str, int, int]:
+    """(SASS text, registers per thread, stack bytes per thread) of one layout."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels.layer_moments import _layer_moments_kernel
+
+    sig = dict(SIGNATURE, x_ptr=f"*{dtype}")
+    names = list(sig)
+    consts = {"HAS_MASK": False, "USE_THR": False, "EVEN_D": True, "BLOCK_T": block_t, "BLOCK_D": block_d}
+    src = ASTSource(
+        fn=_layer_moments_kernel, signature=sig,
+        constexprs={(names.index(k),): v for k, v in consts.items()},
+        attrs={(names.index(a),): [["tt.divisibility", 16]] for a in DIVISIBLE},
+    )
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        res = subprocess.run([str(tools / "nvdisasm"), "-c", "-g", f.name], capture_output=True, text=True, check=True)
+        usage = subprocess.run([str(tools / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", usage)
+    stack = re.search(r"STACK:(\d+)", usage)
+    return res.stdout, int(regs.group(1)) if regs else -1, int(stack.group(1)) if stack else -1
+
+
+def hot_loop(sass: str) -> dict[str, int]:
+    """Opcode counts of the first loop (a backward branch to a label): the fast pass."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, ln in enumerate(lines) if (m := _LABEL.match(ln))}
+    for i, ln in enumerate(lines):
+        m = _BRANCH.search(ln)
+        if m and labels.get(m.group(1), i) < i:
+            ops: dict[str, int] = {}
+            for body in lines[labels[m.group(1)] : i + 1]:
+                if im := _INSTR.match(body):
+                    ops[im.group(1)] = ops.get(im.group(1), 0) + 1
+            return ops
+    raise RuntimeError("no loop found in the SASS")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100/H200)")
+    ap.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--layouts", help="BLOCK_TxBLOCK_DxWARPS,... (default: a grid of 24)")
+    ap.add_argument("--json", help="write the rows here too")
+    args = ap.parse_args()
+    rows = []
+    print(f"sm_{args.arch}: fast-pass loop of _layer_moments_kernel, per activation value (thread instructions)")
+    print(f"{'dtype':>5} {'T':>3} {'D':>5} {'warps':>5} {'regs':>4} {'stack':>5} {'prog/SM':>7} {'instr/value':>11}"
+          f" {'spill ld+st':>11} {'bar':>4} {'shfl':>5}")
+    for dtype in args.dtype:
+        for block_t, block_d, warps in _layouts(args.layouts):
+            values_per_thread = block_t * block_d / (32 * warps)
+            if values_per_thread < 8 or values_per_thread > 256:
+                continue  # under one 16-byte load a thread, or more registers than exist
+            try:
+                sass, regs, stack = compile_sass(dtype, block_t, block_d, warps, args.arch)
+                ops = hot_loop(sass)
+            except Exception as e:  # noqa: BLE001 - a layout that does not compile is reported, not fatal
+                print(f"{dtype:>5} {block_t:>3} {block_d:>5} {warps:>5}  failed: {type(e).__name__}: {str(e)[:80]}")
+                continue
+            total = sum(ops.values())
+            # resident programs per SM by registers alone (64K registers; allocation granularity ignored)
+            progs = 65536 // max(1, regs * 32 * warps)
+            row = dict(dtype=dtype, block_t=block_t, block_d=block_d, warps=warps, registers=regs, stack=stack,
+                       programs_per_sm=progs, loop_instructions=total,
+                       per_value=total / values_per_thread, spills=ops.get("LDL", 0) + ops.get("STL", 0),
+                       barriers=ops.get("BAR", 0), shuffles=ops.get("SHFL", 0), ops=ops)
+            rows.append(row)
+            print(f"{dtype:>5} {block_t:>3} {block_d:>5} {warps:>5} {regs:>4} {stack:>5} {progs:>7}"
+                  f" {row['per_value']:>11.2f} {row['spills']:>11}"
+                  f" {row['barriers']:>4} {row['shuffles']:>5}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
