@@ -1,7 +1,7 @@
 """Fused one-read statistics of a layer's hidden states ``h[b, t, d]``, and the in-kernel
 merge of their partials into the packed ``Moments`` fields.
 
-Three launches, none of which waits on the host:
+Four launches, none of which waits on the host:
 
 1. ``_layer_moments_kernel``, grid (sample b, hidden chunk of BLOCK_D units, token split):
    the one read of the activation. A program walks its tokens in tiles of BLOCK_T rows
@@ -19,19 +19,25 @@ Three launches, none of which waits on the host:
      ``M2 = sum (h - mean)^2``.
 
    This fast pass takes no per-value finiteness test: a NaN/Inf anywhere in a row makes
-   that row's M2 non-finite, and only then does the program redo its range with the exact
-   masked pass (``_exact_pass``: every value tested with ``|x| <= FLT_MAX``, non-finite
-   values counted and left out; otherwise the same fp32 formulas in the same order). Finite
-   values whose squares or sums pass fp32's range (|h| > ~1e19) take the exact pass too and
-   give Inf there as well: the kernels compute in fp32 whatever the input dtype.
+   that row's M2 non-finite, and the program then marks its range (non-finite count -1).
+   Finite values whose squares or sums pass fp32's range (|h| > ~1e19) are marked too
+   and give Inf in the exact pass as well: the kernels compute in fp32 whatever the input
+   dtype.
 
-2. ``_finish_kernel``, grid (token blocks + sample x unit blocks): Chan-merges each
+2. ``_layer_moments_exact_kernel``, the same grid: a marked program redoes its range with
+   the exact masked pass (``_exact_pass``: every value tested with ``|x| <= FLT_MAX``,
+   non-finite values counted and left out; otherwise the same fp32 formulas in the same
+   order) and overwrites its slots; every other program reads its mark and ends. In the
+   fast kernel's launch (the earlier form) the exact pass set the register count of the
+   whole kernel.
+
+3. ``_finish_kernel``, grid (token blocks + sample x unit blocks): Chan-merges each
    token's chunk partials in float64, ``mu = sum n_c mu_c / N``,
    ``M2 = sum M2_c + sum n_c (mu_c - mu)^2``, and sums ``Var_d(h[b, t, :]) = M2 / (N - 1)``
    over its tokens, with the block's (count, mean, M2); a (sample, units) program sums its
    column partials over splits into the token mean of each unit, ``colsum / colcnt``, and
    returns (units with values, mean, M2) of those means.
-3. ``_reduce_kernel``, one program: merges the block partials, each sample's unit
+4. ``_reduce_kernel``, one program: merges the block partials, each sample's unit
    partials into ``Var_d`` of its token mean (unbiased), and the counts into the packed
    fields ``ints = (samples, tokens, elements, near_zero, nonfinite)``,
    ``flts = (pooled_var_sum, token_var_sum, mean, m2)``.
@@ -132,17 +138,8 @@ def _layer_moments_kernel(
         else:
             x = tl.load(row_ptr[:, None] + offs_d[None, :], mask=row_ok[:, None] & in_d[None, :], other=0.0)
         x = x.to(tl.float32)
-        n = tl.where(row_ok, n_chunk, 0.0)
-        mean = tl.sum(x, axis=1) / tl.maximum(n, 1.0)  # padding and tail values loaded as 0
-        dev = x - mean[:, None]
-        if not EVEN_D:
-            dev = tl.where(in_d[None, :], dev, 0.0)
-        m2 = tl.sum(dev * dev, axis=1)
-        rp = rowpart_ptr + ((b * T + offs_t) * n_dc + dc) * 3
-        tl.store(rp, n, mask=in_t)
-        tl.store(rp + 1, mean, mask=in_t)
-        tl.store(rp + 2, m2, mask=in_t)
-        bad += (~(m2 <= FLT_MAX)).to(tl.int32)  # NaN or Inf in the row (padding rows: M2 = 0)
+        # the column sums and near-zero counts first: x is dead once dev is formed, so dev can
+        # take its registers
         col_acc += tl.sum(x, axis=0)
         if USE_THR:
             thr = tl.load(thr_ptr + b * T + offs_t, mask=in_t, other=0.0)
@@ -154,24 +151,67 @@ def _layer_moments_kernel(
             near = near & in_d[None, :]
         nz_acc += tl.sum(near.to(tl.int32), axis=0)
         n_rows += row_ok.to(tl.int32)
+        n = tl.where(row_ok, n_chunk, 0.0)
+        mean = tl.sum(x, axis=1) / tl.maximum(n, 1.0)  # padding and tail values loaded as 0
+        dev = x - mean[:, None]
+        if not EVEN_D:
+            dev = tl.where(in_d[None, :], dev, 0.0)
+        m2 = tl.sum(dev * dev, axis=1)
+        rp = rowpart_ptr + ((b * T + offs_t) * n_dc + dc) * 3
+        tl.store(rp, n, mask=in_t)
+        tl.store(rp + 1, mean, mask=in_t)
+        tl.store(rp + 2, m2, mask=in_t)
+        bad += (~(m2 <= FLT_MAX)).to(tl.int32)  # NaN or Inf in the row (padding rows: M2 = 0)
 
-    col_sum = col_acc
-    col_cnt = tl.zeros([BLOCK_D], dtype=tl.int32) + tl.sum(n_rows, axis=0)
-    nz = tl.sum(nz_acc, axis=0)
-    nonfinite = nz * 0
-    if tl.sum(bad, axis=0) > 0:  # rare: a NaN/Inf (or an fp32 overflow) in this range, redo it exactly
-        tl.debug_barrier()  # the fast pass's stores to the row partials land first
+    slot = b * n_sp + sp
+    tl.store(colsum_ptr + slot * D + offs_d, col_acc, mask=in_d)
+    tl.store(colcnt_ptr + slot * D + offs_d, tl.zeros([BLOCK_D], dtype=tl.int32) + tl.sum(n_rows, axis=0), mask=in_d)
+    c = cnt_ptr + ((b * n_dc + dc) * n_sp + sp) * 2
+    tl.store(c, tl.sum(nz_acc, axis=0))
+    # rare: a NaN/Inf (or an fp32 overflow) in this range; a non-finite count of -1 hands the
+    # range to _layer_moments_exact_kernel, the next launch
+    tl.store(c + 1, -(tl.sum(bad, axis=0) > 0).to(tl.int32))
+
+
+@triton.jit
+def _layer_moments_exact_kernel(
+    x_ptr, mask_ptr, thr_ptr,
+    colsum_ptr, colcnt_ptr, rowpart_ptr, cnt_ptr,
+    T, D, rows_per_split,
+    stride_xb, stride_xt, stride_mb, stride_mt,
+    eps,
+    HAS_MASK: tl.constexpr,
+    USE_THR: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Same grid as ``_layer_moments_kernel``; a program whose range the fast pass marked
+    (non-finite count -1) redoes it with every value tested and overwrites its slots, the
+    others only read the mark. A launch of its own so that the exact pass's registers (three
+    more tile-sized live values) do not set the fast kernel's register count: offline sm_90
+    builds show 255 -> 136 registers for bf16 [8 x 1024] tiles and 193 -> 80 for fp32
+    [4 x 1024] (bench/gpu_sass_stats.py), i.e. more resident programs per SM."""
+    b = tl.program_id(0).to(tl.int64)
+    dc = tl.program_id(1).to(tl.int64)
+    sp = tl.program_id(2).to(tl.int64)
+    n_dc = tl.num_programs(1).to(tl.int64)
+    n_sp = tl.num_programs(2).to(tl.int64)
+    c = cnt_ptr + ((b * n_dc + dc) * n_sp + sp) * 2
+    if tl.load(c + 1) < 0:
+        offs_d = dc * BLOCK_D + tl.arange(0, BLOCK_D)
+        in_d = offs_d < D
+        t_begin = sp * rows_per_split
+        t_end = tl.minimum(T, t_begin + rows_per_split)
         col_sum, col_cnt, nz, nonfinite = _exact_pass(
             x_ptr, mask_ptr, thr_ptr, rowpart_ptr, b, dc, n_dc, T, t_begin, t_end, offs_d, in_d,
             stride_xb, stride_xt, stride_mb, stride_mt, eps,
             HAS_MASK, USE_THR, BLOCK_T, BLOCK_D,
         )
-    slot = b * n_sp + sp
-    tl.store(colsum_ptr + slot * D + offs_d, col_sum, mask=in_d)
-    tl.store(colcnt_ptr + slot * D + offs_d, col_cnt, mask=in_d)
-    c = cnt_ptr + ((b * n_dc + dc) * n_sp + sp) * 2
-    tl.store(c, nz)
-    tl.store(c + 1, nonfinite)
+        slot = b * n_sp + sp
+        tl.store(colsum_ptr + slot * D + offs_d, col_sum, mask=in_d)
+        tl.store(colcnt_ptr + slot * D + offs_d, col_cnt, mask=in_d)
+        tl.store(c, nz)
+        tl.store(c + 1, nonfinite)
 
 
 @triton.jit
@@ -392,6 +432,12 @@ def layer_moments_partials(
         float(sparsity_eps),
         HAS_MASK=has_mask, USE_THR=sparsity_rel is not None, EVEN_D=D % BLOCK_D == 0,
         BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=num_warps,
+    )
+    _layer_moments_exact_kernel[(B, C, S)](
+        hidden, mask, thr, colsum, colcnt, rowpart, cnt,
+        T, D, rows_per_split, hidden.stride(0), hidden.stride(1), smb, smt,
+        float(sparsity_eps),
+        HAS_MASK=has_mask, USE_THR=sparsity_rel is not None, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=num_warps,
     )
     return dict(colsum=colsum, colcnt=colcnt, rowpart=rowpart, cnt=cnt)
 

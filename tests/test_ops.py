@@ -313,6 +313,12 @@ def test_kernel_exact_pass_on_nonfinite(bad):
         fields = ["samples", "tokens", "elements", "near_zero", "nonfinite"]
     assert_moments_close(got, ref, rtol=2e-5, atol=1e-7, fields=fields)
     assert got.raw()["nonfinite"] == (0 if bad == "overflow" else 1)
+    # the fast kernel marks the range (non-finite count -1) and the exact launch consumes it:
+    # one program redone, no mark left behind
+    from avss_fast.kernels.layer_moments import layer_moments_partials
+
+    cnt = layer_moments_partials(h, None, 1e-5, None, tiles=(4, 16, 1, 4))["cnt"]
+    assert (cnt[..., 1] >= 0).all() and int(cnt[..., 1].sum()) == (0 if bad == "overflow" else 1)
 
 
 def test_kernel_outliers_and_offsets_stay_accurate():
