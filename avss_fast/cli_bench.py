@@ -1,7 +1,8 @@
 """``avss-fast bench``: time the ops on this machine (CPU or GPU) against their eager
 baselines, as a quick check of an installation: ``layer_moments`` and ``block_similarity``
 against the eager float64 reference (GB/s = bytes read once / time), and ``masked_attention``
-with the adaptive rule against plain SDPA and the materialised eager path (TFLOP/s). The
+with the adaptive rule against plain SDPA and the materialised eager path (TFLOP/s), and
+attention with every head statistic (what ``HeadScorer`` runs) against plain SDPA. The
 full suites with pytest-benchmark are in ``bench/`` of the source tree.
 """
 
@@ -76,13 +77,46 @@ def run_bench(device, dtype, *, quick: bool) -> list[dict]:
         return reference.masked_attention(q, k, v, scaling=Dh**-0.5, segment_starts=torch.tensor([[0, S // 4]],
                                           device=device), adaptive=rule)
 
+    def head_stats():  # what HeadScorer runs: the output plus entropy, max logit, sink and segment masses
+        return ops.masked_attention(q, k, v, scaling=Dh**-0.5, segment_starts=[0, S // 4], return_segment_mass=True,
+                                    return_head_stats=True)
+
     fast = measure(adaptive, rounds)
+    sdpa_ms = None
     for name, fn in (("SDPA", sdpa), ("eager materialised", eager)):
         base = measure(fn, rounds if name == "SDPA" else 2)
+        sdpa_ms = base if name == "SDPA" else sdpa_ms
         rows.append(dict(op="masked_attention (ADHH rule)", shape=f"1x{H}x{S}x{Dh} causal", fast_ms=fast * 1e3,
                          baseline=name, baseline_ms=base * 1e3, speedup=base / fast,
                          rate=f"{flops / fast / 1e12:.3f} TFLOP/s"))
+    fast = measure(head_stats, rounds)
+    rows.append(dict(op="attention + head statistics", shape=f"1x{H}x{S}x{Dh} causal", fast_ms=fast * 1e3,
+                     baseline="SDPA (no statistics)", baseline_ms=sdpa_ms * 1e3, speedup=sdpa_ms / fast,
+                     rate=f"{flops / fast / 1e12:.3f} TFLOP/s"))
     return rows
+
+
+def head_stats_path(device) -> str:
+    """Which implementation computes head statistics here (the compiled CPU kernel, its
+    torch fallback, or the Triton kernel)."""
+    import torch
+
+    from . import native
+    from .ops import backend_for
+
+    backend = backend_for(torch.empty(0, device=device))
+    if backend != "torch":
+        return f"{backend} backend"
+    if device.type != "cpu":
+        return "torch path (SDPA and blocked passes)"
+    try:
+        fn = native.kernel()
+    except RuntimeError as e:
+        return f"torch path ({e})"
+    if fn is None:
+        why = native._state.get("error") or "AVSS_FAST_NATIVE=0"
+        return f"torch path ({why[:120]})"
+    return f"compiled CPU kernel ({fn.vector_width}-float vectors)"
 
 
 def cmd_bench(args) -> int:
@@ -98,12 +132,13 @@ def cmd_bench(args) -> int:
     rows = run_bench(dev, dtype, quick=args.quick)
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     info = dict(device=where, dtype=name, backend=backend_for(torch.empty(0, device=dev)),
-                threads=torch.get_num_threads(), torch=torch.__version__, rows=rows)
+                threads=torch.get_num_threads(), torch=torch.__version__, head_stats=head_stats_path(dev), rows=rows)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     print(f"device: {where}   dtype: {name}   backend: {info['backend']}   torch {torch.__version__}"
           f"   threads: {info['threads']}")
+    print(f"head statistics: {info['head_stats']}")
     print(f"{'op':<30} {'shape':<20} {'ms':>9} {'vs':<20} {'ms':>10} {'speed-up':>9}  rate")
     for r in rows:
         print(f"{r['op']:<30} {r['shape']:<20} {r['fast_ms']:>9.2f} {r['baseline']:<20} {r['baseline_ms']:>10.2f} "

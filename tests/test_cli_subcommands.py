@@ -174,6 +174,8 @@ def test_bench_quick_json(capsys):
     assert main(["bench", "--quick", "--json", "--device", "cpu"]) == 0
     info = json.loads(capsys.readouterr().out)
     ops_seen = [r["op"] for r in info["rows"]]
-    assert ops_seen[:2] == ["layer_moments", "block_similarity"] and len(ops_seen) == 4
+    assert ops_seen[:2] == ["layer_moments", "block_similarity"] and len(ops_seen) == 5
+    assert ops_seen[-1] == "attention + head statistics"
     assert all(r["fast_ms"] > 0 and r["baseline_ms"] > 0 for r in info["rows"])
+    assert info["head_stats"].startswith("compiled CPU kernel")  # the tests require the kernel to build
     assert main(["bench", "--dtype", "int8"]) == 2
