@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Tile sweep of the layer_moments kernels on a CUDA device, to pick the GPU tiling:
-the one-read kernel alone over (BLOCK_T, BLOCK_D, num_warps, splits), then the whole
+the one-read kernel (with the exact-pass launch, which only reads its marks on finite
+data) over (BLOCK_T, BLOCK_D, num_warps, splits), then the whole
 device op (kernel + the float64 merge kernels) for the best few and for the default
 layout, next to a read-only torch reduction of the same tensor. From the repo root:
 
