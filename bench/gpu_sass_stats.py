@@ -46,7 +46,7 @@ SIGNATURE = {
     "rowpart_ptr": "*fp32", "cnt_ptr": "*i32", "T": "i32", "D": "i32", "rows_per_split": "i32",
     "stride_xb": "i64", "stride_xt": "i64", "stride_mb": "i64", "stride_mt": "i64", "eps": "fp32",
     "HAS_MASK": "constexpr", "USE_THR": "constexpr", "EVEN_D": "constexpr", "BLOCK_T": "constexpr",
-    "BLOCK_D": "constexpr",
+    "BLOCK_D": "constexpr", "ROWS_IN_THREAD": "constexpr",
 }
 DIVISIBLE = ("x_ptr", "mask_ptr", "thr_ptr", "colsum_ptr", "colcnt_ptr", "rowpart_ptr", "cnt_ptr", "T", "D",
              "rows_per_split", "stride_xb", "stride_xt", "stride_mb")
@@ -65,7 +65,9 @@ def compile_sass(dtype: str, block_t: int, block_d: int, warps: int, arch: int) 
 
     sig = dict(SIGNATURE, x_ptr=f"*{dtype}")
     names = list(sig)
-    consts = {"HAS_MASK": False, "USE_THR": False, "EVEN_D": True, "BLOCK_T": block_t, "BLOCK_D": block_d}
+    itemsize = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
+    consts = {"HAS_MASK": False, "USE_THR": False, "EVEN_D": True, "BLOCK_T": block_t, "BLOCK_D": block_d,
+              "ROWS_IN_THREAD": block_d >= 32 * warps * (16 // itemsize)}  # as layer_moments_partials decides
     src = ASTSource(
         fn=_layer_moments_kernel, signature=sig,
         constexprs={(names.index(k),): v for k, v in consts.items()},

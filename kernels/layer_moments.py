@@ -9,20 +9,22 @@ Four launches, none of which waits on the host:
 
    * adds the tile's column sums into [BLOCK_D] registers (the partials of the per-sample
      token mean behind the AVSS pooled variance) and its per-column near-zero counts
-     ``|h| < eps`` into [BLOCK_D] counters (padding rows get threshold 0: never counted).
-     A tile's rows lie within each thread in the GPU layouts, so the per-tile sums are
-     in-thread adds; [BLOCK_T, BLOCK_D] accumulators (the earlier form) cost twice the
-     tile's registers in both passes and pushed the kernel to 255 registers with spills
-     (bench/gpu_sass_stats.py);
+     ``|h| < eps`` into [BLOCK_D] counters (padding rows get threshold 0: never counted)
+     when a tile's rows lie within each thread (chunks of >= 1024 bf16 / 512 fp32 units at
+     4 warps: the per-tile sums are in-thread adds, and [BLOCK_T, BLOCK_D] accumulators
+     would cost twice the tile's registers); narrower chunks spread rows across warps, and
+     there the accumulators stay [BLOCK_T, BLOCK_D], summed once at the end (``_col_add``;
+     offline SASS in bench/gpu_sass_stats.py);
    * stores, for each token, the count, mean and M2 of its values in this hidden chunk,
      two passes over the tile in registers: ``mean = sum h / n``,
      ``M2 = sum (h - mean)^2``.
 
    This fast pass takes no per-value finiteness test: a NaN/Inf anywhere in a row makes
    that row's M2 non-finite, and the program then marks its range (non-finite count -1).
-   Finite values whose squares or sums pass fp32's range (|h| > ~1e19) are marked too
+   Finite values whose squared deviations pass fp32's range (|h| > ~1e19) are marked too
    and give Inf in the exact pass as well: the kernels compute in fp32 whatever the input
-   dtype.
+   dtype (column sums that overflow, |h| ~ 1e38, are not marked and give Inf in the sums,
+   as the torch path does).
 
 2. ``_layer_moments_exact_kernel``, the same grid: a marked program redoes its range with
    the exact masked pass (``_exact_pass``: every value tested with ``|x| <= FLT_MAX``,
@@ -59,16 +61,43 @@ from ._common import FLT_MAX, kernel_mask, valid_rows
 
 
 @triton.jit
+def _col_add(acc, tile, ROWS_IN_THREAD: tl.constexpr):
+    """Add a [BLOCK_T, BLOCK_D] tile into a per-column accumulator: summed over its rows
+    first ([BLOCK_D] accumulator) when a tile's rows lie within each thread (in-thread adds,
+    a tenth of the registers), else elementwise ([BLOCK_T, BLOCK_D]: a per-tile sum over
+    rows spread across warps would cost a shared-memory reduction and barriers each tile)."""
+    if ROWS_IN_THREAD:  # one return statement: Triton types every return of a function alike
+        acc = acc + tl.sum(tile, axis=0)
+    else:
+        acc = acc + tile
+    return acc
+
+
+@triton.jit
+def _col_total(acc, ROWS_IN_THREAD: tl.constexpr):
+    """The [BLOCK_D] per-column totals of an accumulator from :func:`_col_add`."""
+    if not ROWS_IN_THREAD:
+        acc = tl.sum(acc, axis=0)
+    return acc
+
+
+@triton.jit
 def _exact_pass(
     x_ptr, mask_ptr, thr_ptr, rowpart_ptr, b, dc, n_dc, T, t_begin, t_end, offs_d, in_d,
     stride_xb, stride_xt, stride_mb, stride_mt, eps,
     HAS_MASK: tl.constexpr, USE_THR: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROWS_IN_THREAD: tl.constexpr,
 ):
     """The program's range again with every value tested: (column sums, column counts,
     near-zero count, non-finite count); rewrites the per-token chunk partials."""
-    col_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    col_cnt = tl.zeros([BLOCK_D], dtype=tl.int32)
-    nz_acc = tl.zeros([BLOCK_D], dtype=tl.int32)
+    if ROWS_IN_THREAD:
+        col_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        col_cnt = tl.zeros([BLOCK_D], dtype=tl.int32)
+        nz_acc = tl.zeros([BLOCK_D], dtype=tl.int32)
+    else:
+        col_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        col_cnt = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)
+        nz_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)
     n_bad = tl.zeros([BLOCK_T], dtype=tl.int32)
     for t0 in range(t_begin, t_end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
@@ -80,8 +109,8 @@ def _exact_pass(
         v = ok & (tl.abs(x) <= FLT_MAX)
         xz = tl.where(v, x, 0.0)
         vi = v.to(tl.int32)
-        col_acc += tl.sum(xz, axis=0)
-        col_cnt += tl.sum(vi, axis=0)
+        col_acc = _col_add(col_acc, xz, ROWS_IN_THREAD)
+        col_cnt = _col_add(col_cnt, vi, ROWS_IN_THREAD)
         n_i = tl.sum(vi, axis=1)
         n = n_i.to(tl.float32)
         mean = tl.sum(xz, axis=1) / tl.maximum(n, 1.0)
@@ -94,9 +123,10 @@ def _exact_pass(
             thr = tl.load(thr_ptr + b * T + offs_t, mask=in_t, other=0.0)[:, None]
         else:
             thr = eps
-        nz_acc += tl.sum((v & (tl.abs(x) < thr)).to(tl.int32), axis=0)
+        nz_acc = _col_add(nz_acc, (v & (tl.abs(x) < thr)).to(tl.int32), ROWS_IN_THREAD)
         n_bad += tl.sum(ok.to(tl.int32), axis=1) - n_i
-    return col_acc, col_cnt, tl.sum(nz_acc, axis=0), tl.sum(n_bad, axis=0)
+    return (_col_total(col_acc, ROWS_IN_THREAD), _col_total(col_cnt, ROWS_IN_THREAD),
+            tl.sum(_col_total(nz_acc, ROWS_IN_THREAD), axis=0), tl.sum(n_bad, axis=0))
 
 
 @triton.jit
@@ -111,6 +141,7 @@ def _layer_moments_kernel(
     EVEN_D: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ROWS_IN_THREAD: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     dc = tl.program_id(1).to(tl.int64)
@@ -124,8 +155,12 @@ def _layer_moments_kernel(
     t_begin = sp * rows_per_split
     t_end = tl.minimum(T, t_begin + rows_per_split)
 
-    col_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    nz_acc = tl.zeros([BLOCK_D], dtype=tl.int32)
+    if ROWS_IN_THREAD:
+        col_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        nz_acc = tl.zeros([BLOCK_D], dtype=tl.int32)
+    else:
+        col_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        nz_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)
     n_rows = tl.zeros([BLOCK_T], dtype=tl.int32)
     bad = tl.zeros([BLOCK_T], dtype=tl.int32)
     for t0 in range(t_begin, t_end, BLOCK_T):
@@ -140,7 +175,7 @@ def _layer_moments_kernel(
         x = x.to(tl.float32)
         # the column sums and near-zero counts first: x is dead once dev is formed, so dev can
         # take its registers
-        col_acc += tl.sum(x, axis=0)
+        col_acc = _col_add(col_acc, x, ROWS_IN_THREAD)
         if USE_THR:
             thr = tl.load(thr_ptr + b * T + offs_t, mask=in_t, other=0.0)
         else:
@@ -149,7 +184,7 @@ def _layer_moments_kernel(
         near = tl.abs(x) < thr_row[:, None]
         if not EVEN_D:
             near = near & in_d[None, :]
-        nz_acc += tl.sum(near.to(tl.int32), axis=0)
+        nz_acc = _col_add(nz_acc, near.to(tl.int32), ROWS_IN_THREAD)
         n_rows += row_ok.to(tl.int32)
         n = tl.where(row_ok, n_chunk, 0.0)
         mean = tl.sum(x, axis=1) / tl.maximum(n, 1.0)  # padding and tail values loaded as 0
@@ -164,10 +199,10 @@ def _layer_moments_kernel(
         bad += (~(m2 <= FLT_MAX)).to(tl.int32)  # NaN or Inf in the row (padding rows: M2 = 0)
 
     slot = b * n_sp + sp
-    tl.store(colsum_ptr + slot * D + offs_d, col_acc, mask=in_d)
+    tl.store(colsum_ptr + slot * D + offs_d, _col_total(col_acc, ROWS_IN_THREAD), mask=in_d)
     tl.store(colcnt_ptr + slot * D + offs_d, tl.zeros([BLOCK_D], dtype=tl.int32) + tl.sum(n_rows, axis=0), mask=in_d)
     c = cnt_ptr + ((b * n_dc + dc) * n_sp + sp) * 2
-    tl.store(c, tl.sum(nz_acc, axis=0))
+    tl.store(c, tl.sum(_col_total(nz_acc, ROWS_IN_THREAD), axis=0))
     # rare: a NaN/Inf (or an fp32 overflow) in this range; a non-finite count of -1 hands the
     # range to _layer_moments_exact_kernel, the next launch
     tl.store(c + 1, -(tl.sum(bad, axis=0) > 0).to(tl.int32))
@@ -184,12 +219,13 @@ def _layer_moments_exact_kernel(
     USE_THR: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ROWS_IN_THREAD: tl.constexpr,
 ):
     """Same grid as ``_layer_moments_kernel``; a program whose range the fast pass marked
     (non-finite count -1) redoes it with every value tested and overwrites its slots, the
     others only read the mark. A launch of its own so that the exact pass's registers (three
     more tile-sized live values) do not set the fast kernel's register count: offline sm_90
-    builds show 255 -> 136 registers for bf16 [8 x 1024] tiles and 193 -> 80 for fp32
+    builds show 255 -> 125 registers for bf16 [8 x 1024] tiles and 255 -> 80 for fp32
     [4 x 1024] (bench/gpu_sass_stats.py), i.e. more resident programs per SM."""
     b = tl.program_id(0).to(tl.int64)
     dc = tl.program_id(1).to(tl.int64)
@@ -205,7 +241,7 @@ def _layer_moments_exact_kernel(
         col_sum, col_cnt, nz, nonfinite = _exact_pass(
             x_ptr, mask_ptr, thr_ptr, rowpart_ptr, b, dc, n_dc, T, t_begin, t_end, offs_d, in_d,
             stride_xb, stride_xt, stride_mb, stride_mt, eps,
-            HAS_MASK, USE_THR, BLOCK_T, BLOCK_D,
+            HAS_MASK, USE_THR, BLOCK_T, BLOCK_D, ROWS_IN_THREAD,
         )
         slot = b * n_sp + sp
         tl.store(colsum_ptr + slot * D + offs_d, col_sum, mask=in_d)
@@ -413,6 +449,10 @@ def layer_moments_partials(
     S = triton.cdiv(T, rows_per_split)
     C = triton.cdiv(D, BLOCK_D)
     mask, smb, smt, has_mask = kernel_mask(attention_mask, hidden)
+    # a tile's rows lie within each thread when the columns need every lane of every warp at
+    # 16 bytes a thread (Triton's default blocked layout): then tiles are summed over rows as
+    # they come (see _col_add). The interpreter runs either form.
+    rows_in_thread = BLOCK_D >= 32 * num_warps * max(1, 16 // hidden.element_size())
     colsum = torch.empty((B, S, D), dtype=torch.float32, device=dev)
     colcnt = torch.empty((B, S, D), dtype=torch.int32, device=dev)
     rowpart = torch.empty((B * T, C, 3), dtype=torch.float32, device=dev)
@@ -431,13 +471,14 @@ def layer_moments_partials(
         T, D, rows_per_split, hidden.stride(0), hidden.stride(1), smb, smt,
         float(sparsity_eps),
         HAS_MASK=has_mask, USE_THR=sparsity_rel is not None, EVEN_D=D % BLOCK_D == 0,
-        BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=num_warps,
+        BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, ROWS_IN_THREAD=rows_in_thread, num_warps=num_warps,
     )
     _layer_moments_exact_kernel[(B, C, S)](
         hidden, mask, thr, colsum, colcnt, rowpart, cnt,
         T, D, rows_per_split, hidden.stride(0), hidden.stride(1), smb, smt,
         float(sparsity_eps),
-        HAS_MASK=has_mask, USE_THR=sparsity_rel is not None, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=num_warps,
+        HAS_MASK=has_mask, USE_THR=sparsity_rel is not None, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
+        ROWS_IN_THREAD=rows_in_thread, num_warps=num_warps,
     )
     return dict(colsum=colsum, colcnt=colcnt, rowpart=rowpart, cnt=cnt)
 

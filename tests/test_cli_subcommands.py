@@ -170,7 +170,8 @@ def test_attention_stats_encoder_and_errors(tmp_path, capsys):
     assert main(["attention-stats", "--data", str(tmp_path / "missing.txt"), "--quiet"]) == 2
 
 
-def test_bench_quick_json(capsys):
+def test_bench_quick_json(capsys, monkeypatch):
+    monkeypatch.setenv("AVSS_FAST_BACKEND", "torch")  # what a CPU user gets, whatever the caller exported
     assert main(["bench", "--quick", "--json", "--device", "cpu"]) == 0
     info = json.loads(capsys.readouterr().out)
     ops_seen = [r["op"] for r in info["rows"]]
