@@ -64,7 +64,7 @@ from ._common import FLT_MAX, kernel_mask, valid_rows
 def _col_add(acc, tile, ROWS_IN_THREAD: tl.constexpr):
     """Add a [BLOCK_T, BLOCK_D] tile into a per-column accumulator: summed over its rows
     first ([BLOCK_D] accumulator) when a tile's rows lie within each thread (in-thread adds,
-    a tenth of the registers), else elementwise ([BLOCK_T, BLOCK_D]: a per-tile sum over
+    1/BLOCK_T of the registers), else elementwise ([BLOCK_T, BLOCK_D]: a per-tile sum over
     rows spread across warps would cost a shared-memory reduction and barriers each tile)."""
     if ROWS_IN_THREAD:  # one return statement: Triton types every return of a function alike
         acc = acc + tl.sum(tile, axis=0)
