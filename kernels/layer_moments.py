@@ -82,6 +82,32 @@ def _col_total(acc, ROWS_IN_THREAD: tl.constexpr):
 
 
 @triton.jit
+def _program_range(T, D, rows_per_split, BLOCK_D: tl.constexpr):
+    """Where a program of the (sample, hidden chunk, token split) grid works: ``(b, dc, sp,
+    n_dc, n_sp, offs_d, in_d, t_begin, t_end)``, the same for the fast and the exact kernel."""
+    b = tl.program_id(0).to(tl.int64)
+    dc = tl.program_id(1).to(tl.int64)
+    sp = tl.program_id(2).to(tl.int64)
+    n_dc = tl.num_programs(1).to(tl.int64)
+    n_sp = tl.num_programs(2).to(tl.int64)
+    offs_d = dc * BLOCK_D + tl.arange(0, BLOCK_D)
+    t_begin = sp * rows_per_split
+    return b, dc, sp, n_dc, n_sp, offs_d, offs_d < D, t_begin, tl.minimum(T, t_begin + rows_per_split)
+
+
+@triton.jit
+def _store_program(colsum_ptr, colcnt_ptr, cnt_ptr, b, dc, sp, n_dc, n_sp, D, offs_d, in_d,
+                   col_sum, col_cnt, nz, nonfinite):
+    """A program's own slots: column sums and counts [BLOCK_D], (near_zero, nonfinite)."""
+    slot = b * n_sp + sp
+    tl.store(colsum_ptr + slot * D + offs_d, col_sum, mask=in_d)
+    tl.store(colcnt_ptr + slot * D + offs_d, col_cnt, mask=in_d)
+    c = cnt_ptr + ((b * n_dc + dc) * n_sp + sp) * 2
+    tl.store(c, nz)
+    tl.store(c + 1, nonfinite)
+
+
+@triton.jit
 def _exact_pass(
     x_ptr, mask_ptr, thr_ptr, rowpart_ptr, b, dc, n_dc, T, t_begin, t_end, offs_d, in_d,
     stride_xb, stride_xt, stride_mb, stride_mt, eps,
@@ -143,17 +169,8 @@ def _layer_moments_kernel(
     BLOCK_D: tl.constexpr,
     ROWS_IN_THREAD: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    dc = tl.program_id(1).to(tl.int64)
-    sp = tl.program_id(2).to(tl.int64)
-    n_dc = tl.num_programs(1).to(tl.int64)
-    n_sp = tl.num_programs(2).to(tl.int64)
-    d0 = dc * BLOCK_D
-    offs_d = d0 + tl.arange(0, BLOCK_D)
-    in_d = offs_d < D
-    n_chunk = tl.minimum(D - d0, BLOCK_D).to(tl.float32)  # values per valid row in this chunk
-    t_begin = sp * rows_per_split
-    t_end = tl.minimum(T, t_begin + rows_per_split)
+    b, dc, sp, n_dc, n_sp, offs_d, in_d, t_begin, t_end = _program_range(T, D, rows_per_split, BLOCK_D)
+    n_chunk = tl.minimum(D - dc * BLOCK_D, BLOCK_D).to(tl.float32)  # values per valid row in this chunk
 
     if ROWS_IN_THREAD:
         col_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -198,14 +215,11 @@ def _layer_moments_kernel(
         tl.store(rp + 2, m2, mask=in_t)
         bad += (~(m2 <= FLT_MAX)).to(tl.int32)  # NaN or Inf in the row (padding rows: M2 = 0)
 
-    slot = b * n_sp + sp
-    tl.store(colsum_ptr + slot * D + offs_d, _col_total(col_acc, ROWS_IN_THREAD), mask=in_d)
-    tl.store(colcnt_ptr + slot * D + offs_d, tl.zeros([BLOCK_D], dtype=tl.int32) + tl.sum(n_rows, axis=0), mask=in_d)
-    c = cnt_ptr + ((b * n_dc + dc) * n_sp + sp) * 2
-    tl.store(c, tl.sum(_col_total(nz_acc, ROWS_IN_THREAD), axis=0))
     # rare: a NaN/Inf (or an fp32 overflow) in this range; a non-finite count of -1 hands the
     # range to _layer_moments_exact_kernel, the next launch
-    tl.store(c + 1, -(tl.sum(bad, axis=0) > 0).to(tl.int32))
+    _store_program(colsum_ptr, colcnt_ptr, cnt_ptr, b, dc, sp, n_dc, n_sp, D, offs_d, in_d,
+                   _col_total(col_acc, ROWS_IN_THREAD), tl.zeros([BLOCK_D], dtype=tl.int32) + tl.sum(n_rows, axis=0),
+                   tl.sum(_col_total(nz_acc, ROWS_IN_THREAD), axis=0), -(tl.sum(bad, axis=0) > 0).to(tl.int32))
 
 
 @triton.jit
@@ -227,27 +241,15 @@ def _layer_moments_exact_kernel(
     more tile-sized live values) do not set the fast kernel's register count: offline sm_90
     builds show 255 -> 125 registers for bf16 [8 x 1024] tiles and 255 -> 80 for fp32
     [4 x 1024] (bench/gpu_sass_stats.py), i.e. more resident programs per SM."""
-    b = tl.program_id(0).to(tl.int64)
-    dc = tl.program_id(1).to(tl.int64)
-    sp = tl.program_id(2).to(tl.int64)
-    n_dc = tl.num_programs(1).to(tl.int64)
-    n_sp = tl.num_programs(2).to(tl.int64)
-    c = cnt_ptr + ((b * n_dc + dc) * n_sp + sp) * 2
-    if tl.load(c + 1) < 0:
-        offs_d = dc * BLOCK_D + tl.arange(0, BLOCK_D)
-        in_d = offs_d < D
-        t_begin = sp * rows_per_split
-        t_end = tl.minimum(T, t_begin + rows_per_split)
+    b, dc, sp, n_dc, n_sp, offs_d, in_d, t_begin, t_end = _program_range(T, D, rows_per_split, BLOCK_D)
+    if tl.load(cnt_ptr + ((b * n_dc + dc) * n_sp + sp) * 2 + 1) < 0:
         col_sum, col_cnt, nz, nonfinite = _exact_pass(
             x_ptr, mask_ptr, thr_ptr, rowpart_ptr, b, dc, n_dc, T, t_begin, t_end, offs_d, in_d,
             stride_xb, stride_xt, stride_mb, stride_mt, eps,
             HAS_MASK, USE_THR, BLOCK_T, BLOCK_D, ROWS_IN_THREAD,
         )
-        slot = b * n_sp + sp
-        tl.store(colsum_ptr + slot * D + offs_d, col_sum, mask=in_d)
-        tl.store(colcnt_ptr + slot * D + offs_d, col_cnt, mask=in_d)
-        tl.store(c, nz)
-        tl.store(c + 1, nonfinite)
+        _store_program(colsum_ptr, colcnt_ptr, cnt_ptr, b, dc, sp, n_dc, n_sp, D, offs_d, in_d,
+                       col_sum, col_cnt, nz, nonfinite)
 
 
 @triton.jit
@@ -466,20 +468,12 @@ def layer_moments_partials(
             HAS_MASK=has_mask, BLOCK_T=bt, BLOCK_D=min(1024 if dev.type == "cpu" else 512, triton.next_power_of_2(max(D, 16))),
             num_warps=1 if dev.type == "cpu" else 8,
         )
-    _layer_moments_kernel[(B, C, S)](
-        hidden, mask, thr, colsum, colcnt, rowpart, cnt,
-        T, D, rows_per_split, hidden.stride(0), hidden.stride(1), smb, smt,
-        float(sparsity_eps),
-        HAS_MASK=has_mask, USE_THR=sparsity_rel is not None, EVEN_D=D % BLOCK_D == 0,
-        BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, ROWS_IN_THREAD=rows_in_thread, num_warps=num_warps,
-    )
-    _layer_moments_exact_kernel[(B, C, S)](
-        hidden, mask, thr, colsum, colcnt, rowpart, cnt,
-        T, D, rows_per_split, hidden.stride(0), hidden.stride(1), smb, smt,
-        float(sparsity_eps),
-        HAS_MASK=has_mask, USE_THR=sparsity_rel is not None, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
-        ROWS_IN_THREAD=rows_in_thread, num_warps=num_warps,
-    )
+    args = (hidden, mask, thr, colsum, colcnt, rowpart, cnt, T, D, rows_per_split,
+            hidden.stride(0), hidden.stride(1), smb, smt, float(sparsity_eps))
+    meta = dict(HAS_MASK=has_mask, USE_THR=sparsity_rel is not None, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
+                ROWS_IN_THREAD=rows_in_thread, num_warps=num_warps)
+    _layer_moments_kernel[(B, C, S)](*args, EVEN_D=D % BLOCK_D == 0, **meta)
+    _layer_moments_exact_kernel[(B, C, S)](*args, **meta)  # the same grid: redoes only marked ranges
     return dict(colsum=colsum, colcnt=colcnt, rowpart=rowpart, cnt=cnt)
 
 
