@@ -114,8 +114,7 @@ def head_stats_path(device) -> str:
     except RuntimeError as e:
         return f"torch path ({e})"
     if fn is None:
-        why = native._state.get("error") or "AVSS_FAST_NATIVE=0"
-        return f"torch path ({why[:120]})"
+        return f"torch path ({(native.unavailable_reason() or '?')[:120]})"
     return f"compiled CPU kernel ({fn.vector_width}-float vectors)"
 
 

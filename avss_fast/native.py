@@ -222,6 +222,13 @@ def kernel():
     return _state["lib"]
 
 
+def unavailable_reason() -> str | None:
+    """Why :func:`kernel` gave None (the build or load error, or the switch), else None."""
+    if mode() == "0":
+        return "AVSS_FAST_NATIVE=0"
+    return _state.get("error")
+
+
 def supports(q: torch.Tensor) -> bool:
     """Whether the compiled kernel takes this call: CPU tensors in fp32/bf16/fp16 (fp64 keeps
     the torch path's fp64 arithmetic)."""

@@ -6,6 +6,8 @@ rows, full and per-head masks, 1-4 segments; thread-count independence; the buil
 and the fallbacks of the loader."""
 
 import os
+import shutil
+import subprocess
 import warnings
 
 import pytest
@@ -281,6 +283,7 @@ def test_unbuildable_kernel_warns_once_or_raises(fresh_loader, monkeypatch, cxx)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert native.kernel() is None  # warned once
+    assert "compile" in native.unavailable_reason()  # "no C++ compiler found" or "could not compile"
     monkeypatch.setenv("AVSS_FAST_NATIVE", "1")
     with pytest.raises(RuntimeError, match="compiled kernel is unavailable"):
         native.kernel()
@@ -289,7 +292,7 @@ def test_unbuildable_kernel_warns_once_or_raises(fresh_loader, monkeypatch, cxx)
 
 def test_switches(monkeypatch):
     monkeypatch.setenv("AVSS_FAST_NATIVE", "0")
-    assert native.kernel() is None
+    assert native.kernel() is None and native.unavailable_reason() == "AVSS_FAST_NATIVE=0"
     monkeypatch.setenv("AVSS_FAST_NATIVE", "yes")
     with pytest.raises(ValueError, match="AVSS_FAST_NATIVE"):
         native.kernel()
@@ -310,8 +313,6 @@ def test_unwritable_cache_falls_back_to_a_private_temporary_folder(monkeypatch, 
 def test_compiler_with_arguments_and_explicit_openmp_runtime(tmp_path, monkeypatch):
     """``CXX`` may carry a wrapper (``env g++``); an OpenMP runtime under another name than
     libgomp.so.1 (torch wheels that bundle a renamed copy) is linked by path."""
-    import shutil
-
     monkeypatch.setenv("CXX", "env " + (shutil.which("g++") or shutil.which("c++") or "c++"))
     runtime = native.openmp_runtime()
     if runtime is None:  # torch without a visible OpenMP runtime: only the wrapper is tested
@@ -323,16 +324,10 @@ def test_compiler_with_arguments_and_explicit_openmp_runtime(tmp_path, monkeypat
         f = native._load(dirs=[tmp_path], runtime=str(renamed))
         lib = next(tmp_path.glob("head_stats_attention-*.so"))
         if shutil.which("readelf"):  # linked by path: its folder is on the run path
-            dyn = subprocess_output(["readelf", "-d", str(lib)])
+            dyn = subprocess.run(["readelf", "-d", str(lib)], capture_output=True, text=True).stdout
             assert str(renamed.parent) in dyn and "libgomp" in dyn
     q, k, v = _inputs(2, 4, 2, 2, 40, 40, 24, torch.float32, seed=8)
     want = native.head_stats_attention(native.kernel(), q, k, v, scaling=0.2, causal=True)
     got = native.head_stats_attention(f, q, k, v, scaling=0.2, causal=True)
     if f.vector_width == native.kernel().vector_width:
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-
-
-def subprocess_output(cmd):
-    import subprocess
-
-    return subprocess.run(cmd, capture_output=True, text=True).stdout
