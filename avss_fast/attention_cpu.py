@@ -184,7 +184,7 @@ def masked_attention_torch(
     if fn is not None:  # one compiled pass: output, statistics and masses at the narrow width
         out, stats, mass = native.head_stats_attention(
             fn, q, k, vv, scaling=scaling, causal=causal, attn_mask=attn_mask, segment_starts=segment_starts,
-            want_mass=return_segment_mass)
+            want_mass=return_segment_mass, seg_ids=seg)
     else:
         out, mass, acc_seg, stats = _sdpa_outputs(
             q, k, kk, vv, seg=seg, S=S, attn_mask=attn_mask, is_causal=is_causal, causal=causal, scaling=scaling,

@@ -236,12 +236,13 @@ def supports(q: torch.Tensor) -> bool:
 
 
 def head_stats_attention(fn, q, k, v, *, scaling: float, causal: bool, attn_mask=None, segment_starts=None,
-                         want_mass: bool = False):
+                         want_mass: bool = False, seg_ids=None):
     """Attention and its per-row statistics in one pass (``fn`` from :func:`kernel`).
 
     q [B, Hq, Sq, D], k [B, Hk, Sk, D], v [B, Hv, Sk, D] (Hk and Hv divide Hq: grouped
     query heads share a kv head); ``causal`` bottom-right (row i sees key j <= i + Sk - Sq);
-    ``attn_mask`` bool [B, 1|Hq, Sq, Sk] (True = attend) or None; ``segment_starts`` [B, S].
+    ``attn_mask`` bool [B, 1|Hq, Sq, Sk] (True = attend) or None; ``segment_starts`` [B, S]
+    (``seg_ids``: its ``segment_ids(segment_starts, Sk)`` when the caller has them already).
 
     Returns ``(out [B, Hq, Sq, D] fp32, stats [B, Hq, Sq, 3] = (entropy, max logit, sink
     mass), mass [B, Hq, Sq, S] or None)``; ``mass`` (S = 1 without segments) only with
@@ -276,7 +277,7 @@ def head_stats_attention(fn, q, k, v, *, scaling: float, causal: bool, attn_mask
             if segment_starts.dim() != 2 or segment_starts.shape[0] not in (1, B) or segment_starts.shape[1] < 1:
                 raise ValueError(f"segment_starts must be [B or 1, S], got {tuple(segment_starts.shape)}")
             S = segment_starts.shape[1]
-            seg = segment_ids(segment_starts.to(torch.long), Sk).expand(B, Sk)
+            seg = (seg_ids if seg_ids is not None else segment_ids(segment_starts.to(torch.long), Sk)).expand(B, Sk)
         else:
             S, seg = 1, torch.zeros(B, Sk, dtype=torch.long)
         seg = seg.to(torch.int32).contiguous()  # ids in [0, S): the kernel indexes its S sums with them
