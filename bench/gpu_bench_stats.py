@@ -4,7 +4,8 @@ measured device-to-device copy bandwidth and the eager reference. From the repo 
 
     python bench/gpu_bench_stats.py [--out results.json]
 
-GB/s counts the activation bytes read once (B*T*D*itemsize; two tensors for similarity).
+GB/s counts the activation bytes read once (B*T*D*itemsize; two tensors for similarity;
+the valid rows' bytes for ``layer_moments_ragged_valid_bytes``).
 """
 
 from __future__ import annotations
@@ -45,10 +46,17 @@ def main() -> int:
         h2 = torch.randn(B, T, D, device=dev, dtype=dt)
         mask = torch.ones(B, T, device=dev, dtype=torch.long)
         mask[0, T // 2:] = 0
+        # right padding of a batch of mixed lengths (T/2 to T tokens): GB/s of the valid rows
+        g = torch.Generator().manual_seed(0)
+        lengths = torch.randint(T // 2, T + 1, (B,), generator=g).to(dev)
+        ragged = (torch.arange(T, device=dev)[None, :] < lengths[:, None]).long()
         nbytes = h.numel() * h.element_size()
         for cname, fn, nb in (
             ("layer_moments", lambda: ops.layer_moments(h), nbytes),
             ("layer_moments_mask", lambda: ops.layer_moments(h, mask), nbytes),
+            ("layer_moments_ragged_valid_bytes", lambda: ops.layer_moments(h, ragged),
+             int(ragged.sum()) * D * h.element_size()),
+            ("layer_moments_rel_mask", lambda: ops.layer_moments(h, mask, sparsity_rel=0.01), nbytes),
             ("layer_moments_rel", lambda: ops.layer_moments(h, sparsity_rel=0.01), nbytes),
             ("block_similarity", lambda: ops.block_similarity(h, h2, mask), 2 * nbytes),
         ):

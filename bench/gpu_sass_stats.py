@@ -15,7 +15,8 @@ repo root:
     python bench/gpu_sass_stats.py [--arch 90] [--dtype bf16 fp32] [--json out.json]
 
 Arguments are specialised as a real launch on [16, 4096, 4096] would be (pointers and
-sizes divisible by 16, no padding mask, the absolute threshold, EVEN_D).
+sizes divisible by 16, EVEN_D; no padding mask and the absolute threshold unless ``--mask``
+or ``--threshold`` say otherwise).
 """
 
 from __future__ import annotations
@@ -44,9 +45,9 @@ def _layouts(spec: str | None):
 SIGNATURE = {
     "x_ptr": None, "mask_ptr": "*i64", "thr_ptr": "*fp32", "colsum_ptr": "*fp32", "colcnt_ptr": "*i32",
     "rowpart_ptr": "*fp32", "cnt_ptr": "*i32", "T": "i32", "D": "i32", "rows_per_split": "i32",
-    "stride_xb": "i64", "stride_xt": "i64", "stride_mb": "i64", "stride_mt": "i64", "eps": "fp32",
-    "HAS_MASK": "constexpr", "USE_THR": "constexpr", "EVEN_D": "constexpr", "BLOCK_T": "constexpr",
-    "BLOCK_D": "constexpr", "ROWS_IN_THREAD": "constexpr",
+    "stride_xb": "i64", "stride_xt": "i64", "stride_mb": "i64", "stride_mt": "constexpr", "eps": "fp32",
+    "HAS_MASK": "constexpr", "USE_THR": "constexpr", "ROW_THR": "constexpr", "PREFETCH_MASK": "constexpr",
+    "EVEN_D": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr", "ROWS_IN_THREAD": "constexpr",
 }
 DIVISIBLE = ("x_ptr", "mask_ptr", "thr_ptr", "colsum_ptr", "colcnt_ptr", "rowpart_ptr", "cnt_ptr", "T", "D",
              "rows_per_split", "stride_xb", "stride_xt", "stride_mb")
@@ -55,8 +56,11 @@ _LABEL = re.compile(r"^(\.L_x_\d+):")
 _BRANCH = re.compile(r"BRA\s+`\((\.L_x_\d+)\)")
 
 
-def compile_sass(dtype: str, block_t: int, block_d: int, warps: int, arch: int) -> tuple[str, int, int]:
-    """(SASS text, registers per thread, stack bytes per thread) of one layout."""
+def compile_sass(dtype: str, block_t: int, block_d: int, warps: int, arch: int, mask: bool = False,
+                 threshold: str = "abs") -> tuple[str, int, int]:
+    """(SASS text, registers per thread, stack bytes per thread) of one layout; ``mask``: with
+    a padding mask; ``threshold``: "abs" (eps), "rel" (whole-row tiles, in-kernel rms) or
+    "rel-prepass" (the pre-pass's thresholds)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -66,8 +70,11 @@ def compile_sass(dtype: str, block_t: int, block_d: int, warps: int, arch: int) 
     sig = dict(SIGNATURE, x_ptr=f"*{dtype}")
     names = list(sig)
     itemsize = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
-    consts = {"HAS_MASK": False, "USE_THR": False, "EVEN_D": True, "BLOCK_T": block_t, "BLOCK_D": block_d,
-              "ROWS_IN_THREAD": block_d >= 32 * warps * (16 // itemsize)}  # as layer_moments_partials decides
+    # as layer_moments_partials decides; stride_mt = 1: a contiguous mask (Triton specialises
+    # integer arguments equal to 1)
+    consts = {"stride_mt": 1, "HAS_MASK": mask, "USE_THR": threshold != "abs", "ROW_THR": threshold == "rel",
+              "PREFETCH_MASK": itemsize >= 4, "EVEN_D": True, "BLOCK_T": block_t, "BLOCK_D": block_d,
+              "ROWS_IN_THREAD": block_d >= 32 * warps * (16 // itemsize)}
     src = ASTSource(
         fn=_layer_moments_kernel, signature=sig,
         constexprs={(names.index(k),): v for k, v in consts.items()},
@@ -105,6 +112,9 @@ def main() -> int:
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100/H200)")
     ap.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--layouts", help="BLOCK_TxBLOCK_DxWARPS,... (default: a grid of 24)")
+    ap.add_argument("--mask", action="store_true", help="with a padding mask")
+    ap.add_argument("--threshold", default="abs", choices=["abs", "rel", "rel-prepass"],
+                    help="near-zero threshold: eps, relative in one read (whole rows), relative from the pre-pass")
     ap.add_argument("--json", help="write the rows here too")
     args = ap.parse_args()
     rows = []
@@ -117,7 +127,7 @@ def main() -> int:
             if values_per_thread < 8 or values_per_thread > 256:
                 continue  # under one 16-byte load a thread, or more registers than exist
             try:
-                sass, regs, stack = compile_sass(dtype, block_t, block_d, warps, args.arch)
+                sass, regs, stack = compile_sass(dtype, block_t, block_d, warps, args.arch, args.mask, args.threshold)
                 ops = hot_loop(sass)
             except Exception as e:  # noqa: BLE001 - a layout that does not compile is reported, not fatal
                 print(f"{dtype:>5} {block_t:>3} {block_d:>5} {warps:>5}  failed: {type(e).__name__}: {str(e)[:80]}")

@@ -5,7 +5,8 @@ Four launches, none of which waits on the host:
 
 1. ``_layer_moments_kernel``, grid (sample b, hidden chunk of BLOCK_D units, token split):
    the one read of the activation. A program walks its tokens in tiles of BLOCK_T rows
-   (padding rows are not loaded) and per tile
+   (padding rows are not loaded; with PREFETCH_MASK the padding mask of the next tile is
+   loaded while this one is read, so the tile's loads do not wait on its mask) and per tile
 
    * adds the tile's column sums into [BLOCK_D] registers (the partials of the per-sample
      token mean behind the AVSS pooled variance) and its per-column near-zero counts
@@ -17,7 +18,8 @@ Four launches, none of which waits on the host:
      offline SASS in bench/gpu_sass_stats.py);
    * stores, for each token, the count, mean and M2 of its values in this hidden chunk,
      two passes over the tile in registers: ``mean = sum h / n``,
-     ``M2 = sum (h - mean)^2``.
+     ``M2 = sum (h - mean)^2`` (``n`` the chunk's width, one divisor for every row: a
+     padding row is loaded as zeros and stores n = 0, mean = M2 = 0).
 
    This fast pass takes no per-value finiteness test: a NaN/Inf anywhere in a row makes
    that row's M2 non-finite, and the program then marks its range (non-finite count -1).
@@ -47,8 +49,11 @@ Four launches, none of which waits on the host:
 Every partial has its own slot (no atomics), so results are deterministic run to run.
 
 The relative sparsity threshold (``|h| < rel * rms(h[b, t, :])``) needs each token's rms
-over all hidden units first: a row pre-pass (``_row_sumsq_kernel``) reads the activation
-once more for it.
+over all hidden units. When one chunk holds whole rows (``C = 1``; the GPU layout takes
+whole rows up to ``WHOLE_ROW_MAX`` units) the fast kernel computes it from the tile in
+registers, ``rms = sqrt(sum h^2 / D)`` (ROW_THR; the exact pass over the finite values);
+wider rows take a row pre-pass (``_row_sumsq_kernel``) that reads the activation once
+more.
 """
 
 from __future__ import annotations
@@ -108,11 +113,37 @@ def _store_program(colsum_ptr, colcnt_ptr, cnt_ptr, b, dc, sp, n_dc, n_sp, D, of
 
 
 @triton.jit
+def _mask_values(mask_ptr, b, offs_t, in_t, stride_mb, stride_mt, HAS_MASK: tl.constexpr):
+    """``mask[b, t]`` of rows ``offs_t`` (0 out of range; 1 without a mask)."""
+    if HAS_MASK:
+        m = tl.load(mask_ptr + b * stride_mb + offs_t * stride_mt, mask=in_t, other=0)
+    else:
+        m = tl.full(offs_t.shape, 1, tl.int8)
+    return m
+
+
+@triton.jit
+def _row_threshold(thr_ptr, b, T, offs_t, in_t, xz, n, eps, USE_THR: tl.constexpr, ROW_THR: tl.constexpr):
+    """The near-zero threshold of each row of a tile: ``eps``; or, with a relative threshold,
+    ``eps * sqrt(sum h^2 / n)`` (``eps`` holds the factor ``rel``) over the tile's ``n`` values
+    of each row (a vector, or one count for every row; ``xz`` is 0 elsewhere) when the tile
+    holds whole rows (ROW_THR), else the pre-pass's ``thr[b, t]``."""
+    if USE_THR:
+        if ROW_THR:
+            thr = eps * tl.sqrt(tl.sum(xz * xz, axis=1) / tl.maximum(n, 1.0))
+        else:
+            thr = tl.load(thr_ptr + b * T + offs_t, mask=in_t, other=0.0)
+    else:
+        thr = eps
+    return thr
+
+
+@triton.jit
 def _exact_pass(
     x_ptr, mask_ptr, thr_ptr, rowpart_ptr, b, dc, n_dc, T, t_begin, t_end, offs_d, in_d,
     stride_xb, stride_xt, stride_mb, stride_mt, eps,
-    HAS_MASK: tl.constexpr, USE_THR: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    ROWS_IN_THREAD: tl.constexpr,
+    HAS_MASK: tl.constexpr, USE_THR: tl.constexpr, ROW_THR: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr, ROWS_IN_THREAD: tl.constexpr,
 ):
     """The program's range again with every value tested: (column sums, column counts,
     near-zero count, non-finite count); rewrites the per-token chunk partials."""
@@ -145,11 +176,8 @@ def _exact_pass(
         tl.store(rp, n, mask=in_t)
         tl.store(rp + 1, mean, mask=in_t)
         tl.store(rp + 2, tl.sum(dev * dev, axis=1), mask=in_t)
-        if USE_THR:
-            thr = tl.load(thr_ptr + b * T + offs_t, mask=in_t, other=0.0)[:, None]
-        else:
-            thr = eps
-        nz_acc = _col_add(nz_acc, (v & (tl.abs(x) < thr)).to(tl.int32), ROWS_IN_THREAD)
+        thr = tl.zeros_like(n) + _row_threshold(thr_ptr, b, T, offs_t, in_t, xz, n, eps, USE_THR, ROW_THR)
+        nz_acc = _col_add(nz_acc, (v & (tl.abs(x) < thr[:, None])).to(tl.int32), ROWS_IN_THREAD)
         n_bad += tl.sum(ok.to(tl.int32), axis=1) - n_i
     return (_col_total(col_acc, ROWS_IN_THREAD), _col_total(col_cnt, ROWS_IN_THREAD),
             tl.sum(_col_total(nz_acc, ROWS_IN_THREAD), axis=0), tl.sum(n_bad, axis=0))
@@ -164,6 +192,8 @@ def _layer_moments_kernel(
     eps,
     HAS_MASK: tl.constexpr,
     USE_THR: tl.constexpr,
+    ROW_THR: tl.constexpr,
+    PREFETCH_MASK: tl.constexpr,
     EVEN_D: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -180,37 +210,46 @@ def _layer_moments_kernel(
         nz_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)
     n_rows = tl.zeros([BLOCK_T], dtype=tl.int32)
     bad = tl.zeros([BLOCK_T], dtype=tl.int32)
+    # PREFETCH_MASK: the padding mask of a tile is loaded one tile ahead (its raw values,
+    # carried into the next iteration), so that a tile's loads do not wait on a load of its
+    # mask first (fp32 on an H100: 62% -> 94% of copy bandwidth; in bf16 it was slower than
+    # the dependent load, see bench/README.md)
+    offs_t = t_begin + tl.arange(0, BLOCK_T)
+    m = _mask_values(mask_ptr, b, offs_t, offs_t < t_end, stride_mb, stride_mt, HAS_MASK)
     for t0 in range(t_begin, t_end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         in_t = offs_t < t_end
-        row_ok = valid_rows(mask_ptr, b, offs_t, in_t, stride_mb, stride_mt, HAS_MASK)
+        if not PREFETCH_MASK:
+            m = _mask_values(mask_ptr, b, offs_t, in_t, stride_mb, stride_mt, HAS_MASK)
+        row_ok = in_t & (m != 0)
         row_ptr = x_ptr + b * stride_xb + offs_t * stride_xt
         if EVEN_D:
             x = tl.load(row_ptr[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         else:
             x = tl.load(row_ptr[:, None] + offs_d[None, :], mask=row_ok[:, None] & in_d[None, :], other=0.0)
+        if PREFETCH_MASK:
+            offs_next = offs_t + BLOCK_T
+            m = _mask_values(mask_ptr, b, offs_next, offs_next < t_end, stride_mb, stride_mt, HAS_MASK)
         x = x.to(tl.float32)
         # the column sums and near-zero counts first: x is dead once dev is formed, so dev can
         # take its registers
         col_acc = _col_add(col_acc, x, ROWS_IN_THREAD)
-        if USE_THR:
-            thr = tl.load(thr_ptr + b * T + offs_t, mask=in_t, other=0.0)
-        else:
-            thr = eps
+        thr = _row_threshold(thr_ptr, b, T, offs_t, in_t, x, n_chunk, eps, USE_THR, ROW_THR)
         thr_row = tl.where(row_ok, thr, 0.0)  # |x| < 0 never holds: padding is not counted
         near = tl.abs(x) < thr_row[:, None]
         if not EVEN_D:
             near = near & in_d[None, :]
         nz_acc = _col_add(nz_acc, near.to(tl.int32), ROWS_IN_THREAD)
         n_rows += row_ok.to(tl.int32)
-        n = tl.where(row_ok, n_chunk, 0.0)
-        mean = tl.sum(x, axis=1) / tl.maximum(n, 1.0)  # padding and tail values loaded as 0
+        # one divisor for every row (padding and tail rows are loaded as 0 and sum to 0):
+        # per-row divisors cost a reciprocal sequence a row (offline sm_90 SASS)
+        mean = tl.sum(x, axis=1) / n_chunk
         dev = x - mean[:, None]
         if not EVEN_D:
             dev = tl.where(in_d[None, :], dev, 0.0)
         m2 = tl.sum(dev * dev, axis=1)
         rp = rowpart_ptr + ((b * T + offs_t) * n_dc + dc) * 3
-        tl.store(rp, n, mask=in_t)
+        tl.store(rp, tl.where(row_ok, n_chunk, 0.0), mask=in_t)
         tl.store(rp + 1, mean, mask=in_t)
         tl.store(rp + 2, m2, mask=in_t)
         bad += (~(m2 <= FLT_MAX)).to(tl.int32)  # NaN or Inf in the row (padding rows: M2 = 0)
@@ -231,6 +270,7 @@ def _layer_moments_exact_kernel(
     eps,
     HAS_MASK: tl.constexpr,
     USE_THR: tl.constexpr,
+    ROW_THR: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ROWS_IN_THREAD: tl.constexpr,
@@ -246,7 +286,7 @@ def _layer_moments_exact_kernel(
         col_sum, col_cnt, nz, nonfinite = _exact_pass(
             x_ptr, mask_ptr, thr_ptr, rowpart_ptr, b, dc, n_dc, T, t_begin, t_end, offs_d, in_d,
             stride_xb, stride_xt, stride_mb, stride_mt, eps,
-            HAS_MASK, USE_THR, BLOCK_T, BLOCK_D, ROWS_IN_THREAD,
+            HAS_MASK, USE_THR, ROW_THR, BLOCK_T, BLOCK_D, ROWS_IN_THREAD,
         )
         _store_program(colsum_ptr, colcnt_ptr, cnt_ptr, b, dc, sp, n_dc, n_sp, D, offs_d, in_d,
                        col_sum, col_cnt, nz, nonfinite)
@@ -403,15 +443,35 @@ def _row_sumsq_kernel(
     tl.store(thr_ptr + b * T + offs_t, rel * tl.sqrt(ss / tl.maximum(cnt, 1.0)), mask=in_t)
 
 
-def _gpu_layout(B: int, T: int, D: int, device, itemsize: int = 2) -> tuple[int, int, int, int]:
+#: Widest rows (hidden units) that the GPU layout reads whole, so that a relative threshold
+#: is computed in the one read: the values of the GPU layout's tile, 8 x 1024 for 2-byte inputs.
+WHOLE_ROW_MAX = 8192
+
+
+def _gpu_layout(B: int, T: int, D: int, device, itemsize: int = 2, whole_rows: bool = False,
+                masked: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_T, BLOCK_D, num_warps, splits) on a GPU, from bench/gpu_sweep_stats.py (H200,
     [16, 4096, 4096]: 1024-unit chunks, 8 tokens a tile for 2-byte and 4 for 4-byte inputs,
-    4 warps, about 4 programs per SM were best of 72 layouts in bf16 and in fp32)."""
-    block_d = min(1024, triton.next_power_of_2(max(D, 16)))
-    block_t = 8 if itemsize <= 2 else 4
+    4 warps, about 4 programs per SM were best of 72 layouts in bf16 and in fp32) and the
+    H100 measurements of bench/README.md: with a padding mask, 4 tokens a tile for 2-byte
+    inputs (the mask loaded with its tile), 2 tokens a tile and twice the splits for 4-byte
+    inputs (the mask loaded a tile ahead); ``whole_rows`` (the relative
+    threshold in one read) takes one chunk of ``next_power_of_2(D)`` units, as many rows as
+    keep the tile's values (8192 for 2-byte, 4096 for 4-byte inputs), 8 warps, and twice the
+    splits for 4-byte inputs."""
+    wide = itemsize >= 4
+    if whole_rows:
+        block_d = triton.next_power_of_2(max(D, 16))
+        block_t = max(1, (4096 if wide else 8192) // block_d)
+        warps = 8
+    else:
+        block_d = min(1024, triton.next_power_of_2(max(D, 16)))
+        block_t = (2 if masked else 4) if wide else (4 if masked else 8)
+        warps = 4
+    waves = 2 if wide and (whole_rows or masked) else 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    want = max(1, (4 * sms) // max(1, B * triton.cdiv(D, block_d)))
-    return block_t, block_d, 4, max(1, min(triton.cdiv(T, block_t), want))
+    want = max(1, (4 * waves * sms) // max(1, B * triton.cdiv(D, block_d)))
+    return block_t, block_d, warps, max(1, min(triton.cdiv(T, block_t), want))
 
 
 def layer_moments_partials(
@@ -428,6 +488,11 @@ def layer_moments_partials(
     ``rowpart`` [B*T, C, 3] fp32 (count, mean, M2 of each token in each of C hidden chunks),
     ``cnt`` [B, C, S, 2] int32 (near_zero, nonfinite). ``attention_mask`` must be [B, T].
     ``tiles`` = (BLOCK_T, BLOCK_D, num_warps, splits) overrides the layout (benchmarks, tests).
+
+    A relative threshold (``|h| < rel * rms(h[b, t, :])``) is computed in the one read when
+    a tile holds whole rows (one hidden chunk, ``C = 1``: the GPU layout takes whole rows
+    up to :data:`WHOLE_ROW_MAX` units); wider rows take a pre-pass (``_row_sumsq_kernel``)
+    that reads the activation once more for each token's rms.
     """
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be [B, T, D], got shape {tuple(hidden.shape)}")
@@ -446,10 +511,13 @@ def layer_moments_partials(
         BLOCK_D = min(1024, triton.next_power_of_2(max(D, 1)))
         num_warps, S = 1, 1
     else:
-        BLOCK_T, BLOCK_D, num_warps, S = _gpu_layout(B, T, D, dev, hidden.element_size())
+        whole_rows = sparsity_rel is not None and triton.next_power_of_2(D) <= WHOLE_ROW_MAX
+        BLOCK_T, BLOCK_D, num_warps, S = _gpu_layout(B, T, D, dev, hidden.element_size(), whole_rows,
+                                                     attention_mask is not None)
     rows_per_split = triton.cdiv(triton.cdiv(T, S), BLOCK_T) * BLOCK_T
     S = triton.cdiv(T, rows_per_split)
     C = triton.cdiv(D, BLOCK_D)
+    row_thr = sparsity_rel is not None and C == 1
     mask, smb, smt, has_mask = kernel_mask(attention_mask, hidden)
     # a tile's rows lie within each thread when the columns need every lane of every warp at
     # 16 bytes a thread (Triton's default blocked layout): then tiles are summed over rows as
@@ -459,8 +527,8 @@ def layer_moments_partials(
     colcnt = torch.empty((B, S, D), dtype=torch.int32, device=dev)
     rowpart = torch.empty((B * T, C, 3), dtype=torch.float32, device=dev)
     cnt = torch.empty((B, C, S, 2), dtype=torch.int32, device=dev)
-    thr = hidden  # dummy pointer unless a relative threshold is asked for
-    if sparsity_rel is not None:
+    thr = hidden  # dummy pointer unless the pre-pass computes thresholds
+    if sparsity_rel is not None and not row_thr:
         thr = torch.empty((B * T,), dtype=torch.float32, device=dev)
         bt = min(64, triton.next_power_of_2(max(T, 1))) if dev.type == "cpu" else 16
         _row_sumsq_kernel[(B, triton.cdiv(T, bt))](
@@ -469,10 +537,12 @@ def layer_moments_partials(
             num_warps=1 if dev.type == "cpu" else 8,
         )
     args = (hidden, mask, thr, colsum, colcnt, rowpart, cnt, T, D, rows_per_split,
-            hidden.stride(0), hidden.stride(1), smb, smt, float(sparsity_eps))
-    meta = dict(HAS_MASK=has_mask, USE_THR=sparsity_rel is not None, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
-                ROWS_IN_THREAD=rows_in_thread, num_warps=num_warps)
-    _layer_moments_kernel[(B, C, S)](*args, EVEN_D=D % BLOCK_D == 0, **meta)
+            hidden.stride(0), hidden.stride(1), smb, smt, float(sparsity_rel if row_thr else sparsity_eps))
+    meta = dict(HAS_MASK=has_mask, USE_THR=sparsity_rel is not None, ROW_THR=row_thr, BLOCK_T=BLOCK_T,
+                BLOCK_D=BLOCK_D, ROWS_IN_THREAD=rows_in_thread, num_warps=num_warps)
+    # the mask a tile ahead for 4-byte inputs only: with 2-byte inputs it cost registers
+    # (sm_90: 127 -> 159 at 8 x 1024) and time (H100, bench/README.md)
+    _layer_moments_kernel[(B, C, S)](*args, EVEN_D=D % BLOCK_D == 0, PREFETCH_MASK=hidden.element_size() >= 4, **meta)
     _layer_moments_exact_kernel[(B, C, S)](*args, **meta)  # the same grid: redoes only marked ranges
     return dict(colsum=colsum, colcnt=colcnt, rowpart=rowpart, cnt=cnt)
 

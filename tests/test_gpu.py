@@ -50,11 +50,13 @@ def test_layer_moments_cuda_matches_reference(dtype, shape):
     assert rel.raw()["near_zero"] == reference.layer_moments(h, mask, sparsity_rel=0.05).raw()["near_zero"]
 
 
-@pytest.mark.parametrize("tiles", [(2, 1024, 4, 8), (4, 512, 8, 3), (16, 256, 8, 2), (8, 256, 4, 40)], ids=str)
+@pytest.mark.parametrize("tiles", [(2, 1024, 4, 8), (4, 512, 8, 3), (16, 256, 8, 2), (8, 256, 4, 40), (1, 4096, 4, 7),
+                                   (4, 1024, 4, 16), (2, 4096, 8, 33)],
+                         ids=str)
 def test_layer_moments_cuda_layouts_and_exact_pass(tiles, monkeypatch):
-    """GPU twin of test_ops' kernel-layout tests: tile layouts the sweep tries, a NaN that
-    sends one program through the exact pass, a massive activation at a chunk start, and the
-    merge kernels with shrunk blocks (every loop more than once)."""
+    """GPU twin of test_ops' kernel-layout tests: tile layouts the sweep tries, a NaN that sends one program through the exact pass, a massive activation
+    at a chunk start, padding (a hole too), the merge kernels with shrunk blocks (every loop
+    more than once), and the relative threshold (pre-pass, or whole rows: the last layout)."""
     import avss_fast.kernels.layer_moments as lm
     from avss_fast.stats import Moments
 
@@ -63,12 +65,17 @@ def test_layer_moments_cuda_layouts_and_exact_pass(tiles, monkeypatch):
     h[2, 40, 1500] = float("nan")
     mask = torch.ones(3, 70, dtype=torch.long)
     mask[1, 50:] = 0
+    mask[0, 13] = 0
     ref = reference.layer_moments(h, mask)
     for blocks in (None, dict(tile=16, units=64, splits=2, reduce=8, warps=4)):
         if blocks:
             monkeypatch.setitem(lm._MERGE_BLOCKS, "gpu", blocks)
         ints, flts = lm.layer_moments_packed(h.cuda(), mask.cuda(), 1e-5, None, tiles=tiles)
         assert_moments_close(Moments._unpack(ints, flts).to("cpu"), ref, rtol=2e-5, atol=1e-6)
+    ref_rel = reference.layer_moments(h, mask, sparsity_rel=0.05).raw()
+    ints, flts = lm.layer_moments_packed(h.cuda(), mask.cuda(), 1e-5, 0.05, tiles=tiles)
+    got_rel = Moments._unpack(ints, flts).to("cpu").raw()
+    assert got_rel["near_zero"] == ref_rel["near_zero"] and got_rel["nonfinite"] == ref_rel["nonfinite"] == 1
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -280,20 +280,39 @@ def _triton_moments(h, mask=None, *, tiles, sparsity_rel=None):
     return Moments._unpack(ints, flts)
 
 
-@pytest.mark.parametrize("tiles", [(4, 16, 1, 3), (8, 32, 1, 1), (2, 64, 1, 5)], ids=str)
-def test_kernel_layouts_match_reference(tiles):
-    """Several hidden chunks (one ragged), token splits and padding, with tiles small
-    enough that every program runs several tiles: the fast pass on finite data."""
-    h = _activations((3, 29, 70), torch.float32, seed=21)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tiles", [(4, 16, 1, 3), (8, 32, 1, 1), (2, 64, 1, 5), (4, 128, 1, 3)], ids=str)
+def test_kernel_layouts_match_reference(tiles, dtype):
+    """Several hidden chunks (one ragged), token splits and padding (a hole inside a tile),
+    with tiles small enough that every program runs several tiles: the fast pass on finite
+    data, with the mask loaded a tile ahead (fp32) or with its tile (bf16). The relative
+    threshold from the pre-pass (several chunks) or in the one read (whole-row tiles, the
+    last layout)."""
+    h = _activations((3, 29, 70), dtype, seed=21)
     mask = torch.ones(3, 29)
     mask[0, 20:] = 0
     mask[2, :7] = 0
+    mask[1, 9] = 0  # a hole inside a tile
     h[0, 22:] = 1e30  # garbage under padding is never read
     ref = reference.layer_moments(h, mask)
     assert_moments_close(_triton_moments(h, mask, tiles=tiles), ref, rtol=2e-5, atol=1e-7)
     ref_rel = reference.layer_moments(h, mask, sparsity_rel=0.05)
     got_rel = _triton_moments(h, mask, tiles=tiles, sparsity_rel=0.05)
     assert got_rel.raw()["near_zero"] == ref_rel.raw()["near_zero"] > 0
+
+
+@pytest.mark.parametrize("tiles", [(4, 16, 1, 4), (4, 64, 1, 4)], ids=["prepass", "whole_rows"])
+def test_kernel_relative_threshold_exact_pass(tiles):
+    """A NaN in a row under the relative threshold: the exact pass takes each token's rms
+    over its finite values, from the pre-pass or computed in the one read."""
+    h = _activations((2, 40, 64), torch.float32, seed=25)
+    h[1, 17, 33] = float("nan")
+    h[0, 3, 5] = float("inf")
+    ref = reference.layer_moments(h, sparsity_rel=0.05)
+    got = _triton_moments(h, tiles=tiles, sparsity_rel=0.05)
+    assert got.raw()["nonfinite"] == 2
+    assert got.raw()["near_zero"] == ref.raw()["near_zero"] > 0
+    assert_moments_close(got, ref, rtol=2e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf", "overflow"])
