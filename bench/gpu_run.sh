@@ -2,7 +2,8 @@
 # Everything the GPU checks need, in one or more calls on a CUDA machine (used with the device
 # tool): install in place (no downloads), then the steps named in STEPS, in order:
 #   tests    GPU twins of the kernel tests (~350 s on an H200, mostly kernel compilation)
-#   sweeps   the tile sweeps named in SWEEPS (name:seconds)
+#   sweeps   the tile sweeps named in SWEEPS (name:seconds; the stats sweep takes its cases
+#            from AVSS_SWEEP_CASES, e.g. "plain mask rel")
 #   benches  every bench/gpu_bench*.py
 # A device call is limited to 600 s, so split them, e.g. STEPS="tests" then STEPS="sweeps benches".
 # Every step has its own time limit and writes its log under $OUT as it goes.
