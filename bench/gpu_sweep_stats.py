@@ -34,7 +34,7 @@ def main() -> int:
     import torch
     import triton
     from avss_fast import ops, reference
-    from avss_fast.kernels.layer_moments import _gpu_layout, layer_moments_packed, layer_moments_partials
+    from avss_fast.kernels.layer_moments import WHOLE_ROW_MAX, _gpu_layout, layer_moments_packed, layer_moments_partials
 
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
@@ -45,6 +45,8 @@ def main() -> int:
     def emit(row):
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if args.out:  # as it goes: a sweep stopped by its time limit keeps what it measured
+            Path(args.out).write_text(json.dumps(rows, indent=2))
 
     cases = os.environ.get("AVSS_SWEEP_CASES", "plain").split()
     for dt, case in itertools.product((torch.bfloat16, torch.float32), cases):
@@ -85,7 +87,8 @@ def main() -> int:
         if skipped:
             emit({"dtype": str(dt), "case": case, "skipped_configs_over_time_budget": skipped})
         results.sort()
-        default = _gpu_layout(B, T, D, dev, h.element_size(), rel is not None, mask is not None)
+        whole_rows = rel is not None and triton.next_power_of_2(D) <= WHOLE_ROW_MAX  # as layer_moments_partials decides
+        default = _gpu_layout(B, T, D, dev, h.element_size(), whole_rows, mask is not None)
         for ms_k, tiles in results[:3] + [(None, default)]:
             ms = triton.testing.do_bench(lambda: layer_moments_packed(h, mask, 1e-5, rel, tiles=tiles), warmup=3, rep=20)
             emit({"dtype": str(dt), "case": case, "tiles": list(tiles), "default": tiles == default,
@@ -104,8 +107,6 @@ def main() -> int:
                   "max_rel_diff_vs_reference": max(diff.values())})
         del h
     emit({"sweep_seconds": round(time.time() - t_start, 1)})
-    if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2))
     return 0
 
 

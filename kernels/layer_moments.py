@@ -26,7 +26,10 @@ Four launches, none of which waits on the host:
    Finite values whose squared deviations pass fp32's range (|h| > ~1e19) are marked too
    and give Inf in the exact pass as well: the kernels compute in fp32 whatever the input
    dtype (column sums that overflow, |h| ~ 1e38, are not marked and give Inf in the sums,
-   as the torch path does).
+   as the torch path does). The same limit holds for the relative threshold's
+   ``sum h^2``: a row whose squares overflow (|h| > ~1e19) gets an infinite threshold
+   (every value counts as near zero) and one whose squares underflow (|h| < ~1e-19) a
+   zero threshold, in the kernels and the CPU path alike (the float64 reference does not).
 
 2. ``_layer_moments_exact_kernel``, the same grid: a marked program redoes its range with
    the exact masked pass (``_exact_pass``: every value tested with ``|x| <= FLT_MAX``,
@@ -214,8 +217,9 @@ def _layer_moments_kernel(
     # carried into the next iteration), so that a tile's loads do not wait on a load of its
     # mask first (fp32 on an H100: 62% -> 94% of copy bandwidth; in bf16 it was slower than
     # the dependent load, see bench/README.md)
-    offs_t = t_begin + tl.arange(0, BLOCK_T)
-    m = _mask_values(mask_ptr, b, offs_t, offs_t < t_end, stride_mb, stride_mt, HAS_MASK)
+    if PREFETCH_MASK:
+        offs_t = t_begin + tl.arange(0, BLOCK_T)
+        m = _mask_values(mask_ptr, b, offs_t, offs_t < t_end, stride_mb, stride_mt, HAS_MASK)
     for t0 in range(t_begin, t_end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         in_t = offs_t < t_end
@@ -444,8 +448,10 @@ def _row_sumsq_kernel(
 
 
 #: Widest rows (hidden units) that the GPU layout reads whole, so that a relative threshold
-#: is computed in the one read: the values of the GPU layout's tile, 8 x 1024 for 2-byte inputs.
-WHOLE_ROW_MAX = 8192
+#: is computed in the one read. Measured at D = 4096 on an H100 (bench/README.md); wider rows
+#: would take 1 x 8192 tiles at one program an SM (offline sm_90 SASS), so they keep the
+#: pre-pass until someone times them.
+WHOLE_ROW_MAX = 4096
 
 
 def _gpu_layout(B: int, T: int, D: int, device, itemsize: int = 2, whole_rows: bool = False,
@@ -453,20 +459,26 @@ def _gpu_layout(B: int, T: int, D: int, device, itemsize: int = 2, whole_rows: b
     """(BLOCK_T, BLOCK_D, num_warps, splits) on a GPU, from bench/gpu_sweep_stats.py (H200,
     [16, 4096, 4096]: 1024-unit chunks, 8 tokens a tile for 2-byte and 4 for 4-byte inputs,
     4 warps, about 4 programs per SM were best of 72 layouts in bf16 and in fp32) and the
-    H100 measurements of bench/README.md: with a padding mask, 4 tokens a tile for 2-byte
-    inputs (the mask loaded with its tile), 2 tokens a tile and twice the splits for 4-byte
-    inputs (the mask loaded a tile ahead); ``whole_rows`` (the relative
-    threshold in one read) takes one chunk of ``next_power_of_2(D)`` units, as many rows as
-    keep the tile's values (8192 for 2-byte, 4096 for 4-byte inputs), 8 warps, and twice the
-    splits for 4-byte inputs."""
+    H100 measurements of bench/README.md (at D = 4096):
+
+    * with a padding mask, 4 tokens a tile for 2-byte inputs (the mask loaded with its
+      tile), 2 tokens a tile and twice the splits for 4-byte inputs (the mask loaded a
+      tile ahead);
+    * ``whole_rows`` (the relative threshold in one read, ``D <= WHOLE_ROW_MAX``): one chunk
+      of ``next_power_of_2(D)`` units, the usual tokens a tile while the tile stays within
+      8192 (2-byte) or 4096 (4-byte) values, fewer for wider rows (down to 1), 8 warps for
+      4096-unit rows (4 below: narrower rows at 8 warps would no longer lie within each
+      thread), twice the splits for 4-byte inputs. For D <= 1024 that is the usual tile.
+    """
     wide = itemsize >= 4
+    tokens = (2 if masked else 4) if wide else (4 if masked else 8)
     if whole_rows:
         block_d = triton.next_power_of_2(max(D, 16))
-        block_t = max(1, (4096 if wide else 8192) // block_d)
-        warps = 8
+        block_t = max(1, min(tokens, (4096 if wide else 8192) // block_d))
+        warps = 8 if block_d >= 4096 else 4
     else:
         block_d = min(1024, triton.next_power_of_2(max(D, 16)))
-        block_t = (2 if masked else 4) if wide else (4 if masked else 8)
+        block_t = tokens
         warps = 4
     waves = 2 if wide and (whole_rows or masked) else 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1

@@ -50,17 +50,23 @@ def test_layer_moments_cuda_matches_reference(dtype, shape):
     assert rel.raw()["near_zero"] == reference.layer_moments(h, mask, sparsity_rel=0.05).raw()["near_zero"]
 
 
-@pytest.mark.parametrize("tiles", [(2, 1024, 4, 8), (4, 512, 8, 3), (16, 256, 8, 2), (8, 256, 4, 40), (1, 4096, 4, 7),
-                                   (4, 1024, 4, 16), (2, 4096, 8, 33)],
-                         ids=str)
-def test_layer_moments_cuda_layouts_and_exact_pass(tiles, monkeypatch):
-    """GPU twin of test_ops' kernel-layout tests: tile layouts the sweep tries, a NaN that sends one program through the exact pass, a massive activation
-    at a chunk start, padding (a hole too), the merge kernels with shrunk blocks (every loop
-    more than once), and the relative threshold (pre-pass, or whole rows: the last layout)."""
+LAYOUTS = [(2, 1024, 4, 8), (4, 512, 8, 3), (16, 256, 8, 2), (8, 256, 4, 40), (1, 4096, 4, 7), (4, 1024, 4, 16),
+           (2, 4096, 8, 33)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("tiles", LAYOUTS, ids=str)
+def test_layer_moments_cuda_layouts_and_exact_pass(tiles, dtype, monkeypatch):
+    """GPU twin of test_ops' kernel-layout tests: tile layouts the sweep tries, in bf16 (the
+    mask loaded with its tile) and fp32 (the mask loaded a tile ahead), a NaN that sends one
+    program through the exact pass, a massive activation at a chunk start, padding (a hole
+    too), the merge kernels with shrunk blocks (every loop more than once), and the relative
+    threshold (the pre-pass, or in the one read for the 4096-unit layouts, whole rows of
+    2100 units)."""
     import avss_fast.kernels.layer_moments as lm
     from avss_fast.stats import Moments
 
-    h = _act((3, 70, 2100), torch.bfloat16, seed=5)
+    h = _act((3, 70, 2100), dtype, seed=5)
     h[0, :, 0] = 3000.0
     h[2, 40, 1500] = float("nan")
     mask = torch.ones(3, 70, dtype=torch.long)

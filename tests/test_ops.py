@@ -301,18 +301,67 @@ def test_kernel_layouts_match_reference(tiles, dtype):
     assert got_rel.raw()["near_zero"] == ref_rel.raw()["near_zero"] > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("tiles", [(4, 16, 1, 4), (4, 64, 1, 4)], ids=["prepass", "whole_rows"])
-def test_kernel_relative_threshold_exact_pass(tiles):
-    """A NaN in a row under the relative threshold: the exact pass takes each token's rms
-    over its finite values, from the pre-pass or computed in the one read."""
-    h = _activations((2, 40, 64), torch.float32, seed=25)
+def test_kernel_relative_threshold_exact_pass(tiles, dtype):
+    """A NaN and an Inf in rows under the relative threshold, with padding and a ragged
+    hidden size: the exact pass takes each token's rms over its finite values, from the
+    pre-pass or computed in the one read."""
+    h = _activations((2, 40, 60), dtype, seed=25)
     h[1, 17, 33] = float("nan")
     h[0, 3, 5] = float("inf")
-    ref = reference.layer_moments(h, sparsity_rel=0.05)
-    got = _triton_moments(h, tiles=tiles, sparsity_rel=0.05)
+    h[1, 35, 7] = float("nan")  # under padding: neither counted nor marked
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, 30:] = 0
+    mask[0, 9] = 0
+    ref = reference.layer_moments(h, mask, sparsity_rel=0.05)
+    got = _triton_moments(h, mask, tiles=tiles, sparsity_rel=0.05)
     assert got.raw()["nonfinite"] == 2
     assert got.raw()["near_zero"] == ref.raw()["near_zero"] > 0
     assert_moments_close(got, ref, rtol=2e-5, atol=1e-7)
+
+
+def test_kernel_relative_threshold_reads_once_for_whole_rows(monkeypatch):
+    """The row pre-pass (a second read) runs only when a tile does not hold whole rows."""
+    import avss_fast.kernels.layer_moments as lm
+
+    launches = []
+    real = lm._row_sumsq_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(lm, "_row_sumsq_kernel", Spy())
+    h = _activations((2, 12, 64), torch.float32, seed=26)
+    for tiles, prepass in (((4, 64, 1, 2), False), ((4, 128, 1, 2), False), ((4, 32, 1, 2), True)):
+        launches.clear()
+        got = _triton_moments(h, tiles=tiles, sparsity_rel=0.05)
+        assert bool(launches) == prepass, tiles
+        assert got.raw()["near_zero"] == reference.layer_moments(h, sparsity_rel=0.05).raw()["near_zero"]
+
+
+@pytest.mark.parametrize("itemsize", [2, 4])
+@pytest.mark.parametrize("masked", [False, True])
+def test_gpu_whole_row_layouts(itemsize, masked):
+    """The GPU layout of the relative threshold's one read: one chunk holds the row, the
+    tile stays within the usual values, and 8 warps only where a row still lies within
+    each thread (wider rows than WHOLE_ROW_MAX take the pre-pass; narrow rows get the
+    usual tile)."""
+    import triton
+
+    from avss_fast.kernels.layer_moments import WHOLE_ROW_MAX, _gpu_layout
+
+    cpu = torch.device("cpu")
+    for D in (5, 64, 768, 1024, 1500, 2048, 3000, WHOLE_ROW_MAX):
+        bt, bd, nw, _ = _gpu_layout(4, 512, D, cpu, itemsize, whole_rows=True, masked=masked)
+        usual = _gpu_layout(4, 512, D, cpu, itemsize, whole_rows=False, masked=masked)
+        assert bd >= D and bd == triton.next_power_of_2(max(D, 16))
+        assert bt * bd <= max(usual[0] * usual[1], 8192 // itemsize * 2)
+        assert nw == 4 or bd >= 32 * nw * (16 // itemsize)
+        if D <= 1024:
+            assert (bt, bd, nw) == usual[:3]
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf", "overflow"])
