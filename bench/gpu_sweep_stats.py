@@ -34,7 +34,7 @@ def main() -> int:
     import torch
     import triton
     from avss_fast import ops, reference
-    from avss_fast.kernels.layer_moments import WHOLE_ROW_MAX, _gpu_layout, layer_moments_packed, layer_moments_partials
+    from avss_fast.kernels.layer_moments import _gpu_layout, layer_moments_packed, layer_moments_partials
 
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
@@ -87,8 +87,7 @@ def main() -> int:
         if skipped:
             emit({"dtype": str(dt), "case": case, "skipped_configs_over_time_budget": skipped})
         results.sort()
-        whole_rows = rel is not None and triton.next_power_of_2(D) <= WHOLE_ROW_MAX  # as layer_moments_partials decides
-        default = _gpu_layout(B, T, D, dev, h.element_size(), whole_rows, mask is not None)
+        default = _gpu_layout(B, T, D, dev, h.element_size(), rel is not None, mask is not None)
         for ms_k, tiles in results[:3] + [(None, default)]:
             ms = triton.testing.do_bench(lambda: layer_moments_packed(h, mask, 1e-5, rel, tiles=tiles), warmup=3, rep=20)
             emit({"dtype": str(dt), "case": case, "tiles": list(tiles), "default": tiles == default,

@@ -38,9 +38,19 @@ def row_tiles(T: int, D: int, device: torch.device, gpu_block_t: int) -> tuple[i
 
 
 @triton.jit
+def mask_values(mask_ptr, b, offs_t, in_t, stride_mb, stride_mt, HAS_MASK: tl.constexpr):
+    """``mask[b, t]`` of rows ``offs_t`` as stored (0 out of range; 1 without a mask): for a
+    kernel that loads the mask ahead of its use (a row is valid where ``in_t & (m != 0)``)."""
+    if HAS_MASK:
+        m = tl.load(mask_ptr + b * stride_mb + offs_t * stride_mt, mask=in_t, other=0)
+    else:
+        m = tl.full(offs_t.shape, 1, tl.int8)
+    return m
+
+
+@triton.jit
 def valid_rows(mask_ptr, b, offs_t, in_t, stride_mb, stride_mt, HAS_MASK: tl.constexpr):
     """Rows of sample ``b`` that are in range and not padding (``mask[b, t] != 0``)."""
     if HAS_MASK:
-        m = tl.load(mask_ptr + b * stride_mb + offs_t * stride_mt, mask=in_t, other=0)
-        return in_t & (m != 0)
+        return in_t & (mask_values(mask_ptr, b, offs_t, in_t, stride_mb, stride_mt, HAS_MASK) != 0)
     return in_t

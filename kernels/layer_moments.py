@@ -65,7 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLT_MAX, kernel_mask, valid_rows
+from ._common import FLT_MAX, kernel_mask, mask_values, valid_rows
 
 
 @triton.jit
@@ -113,16 +113,6 @@ def _store_program(colsum_ptr, colcnt_ptr, cnt_ptr, b, dc, sp, n_dc, n_sp, D, of
     c = cnt_ptr + ((b * n_dc + dc) * n_sp + sp) * 2
     tl.store(c, nz)
     tl.store(c + 1, nonfinite)
-
-
-@triton.jit
-def _mask_values(mask_ptr, b, offs_t, in_t, stride_mb, stride_mt, HAS_MASK: tl.constexpr):
-    """``mask[b, t]`` of rows ``offs_t`` (0 out of range; 1 without a mask)."""
-    if HAS_MASK:
-        m = tl.load(mask_ptr + b * stride_mb + offs_t * stride_mt, mask=in_t, other=0)
-    else:
-        m = tl.full(offs_t.shape, 1, tl.int8)
-    return m
 
 
 @triton.jit
@@ -219,12 +209,12 @@ def _layer_moments_kernel(
     # the dependent load, see bench/README.md)
     if PREFETCH_MASK:
         offs_t = t_begin + tl.arange(0, BLOCK_T)
-        m = _mask_values(mask_ptr, b, offs_t, offs_t < t_end, stride_mb, stride_mt, HAS_MASK)
+        m = mask_values(mask_ptr, b, offs_t, offs_t < t_end, stride_mb, stride_mt, HAS_MASK)
     for t0 in range(t_begin, t_end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         in_t = offs_t < t_end
         if not PREFETCH_MASK:
-            m = _mask_values(mask_ptr, b, offs_t, in_t, stride_mb, stride_mt, HAS_MASK)
+            m = mask_values(mask_ptr, b, offs_t, in_t, stride_mb, stride_mt, HAS_MASK)
         row_ok = in_t & (m != 0)
         row_ptr = x_ptr + b * stride_xb + offs_t * stride_xt
         if EVEN_D:
@@ -233,7 +223,7 @@ def _layer_moments_kernel(
             x = tl.load(row_ptr[:, None] + offs_d[None, :], mask=row_ok[:, None] & in_d[None, :], other=0.0)
         if PREFETCH_MASK:
             offs_next = offs_t + BLOCK_T
-            m = _mask_values(mask_ptr, b, offs_next, offs_next < t_end, stride_mb, stride_mt, HAS_MASK)
+            m = mask_values(mask_ptr, b, offs_next, offs_next < t_end, stride_mb, stride_mt, HAS_MASK)
         x = x.to(tl.float32)
         # the column sums and near-zero counts first: x is dead once dev is formed, so dev can
         # take its registers
@@ -454,7 +444,7 @@ def _row_sumsq_kernel(
 WHOLE_ROW_MAX = 4096
 
 
-def _gpu_layout(B: int, T: int, D: int, device, itemsize: int = 2, whole_rows: bool = False,
+def _gpu_layout(B: int, T: int, D: int, device, itemsize: int = 2, relative: bool = False,
                 masked: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_T, BLOCK_D, num_warps, splits) on a GPU, from bench/gpu_sweep_stats.py (H200,
     [16, 4096, 4096]: 1024-unit chunks, 8 tokens a tile for 2-byte and 4 for 4-byte inputs,
@@ -464,13 +454,16 @@ def _gpu_layout(B: int, T: int, D: int, device, itemsize: int = 2, whole_rows: b
     * with a padding mask, 4 tokens a tile for 2-byte inputs (the mask loaded with its
       tile), 2 tokens a tile and twice the splits for 4-byte inputs (the mask loaded a
       tile ahead);
-    * ``whole_rows`` (the relative threshold in one read, ``D <= WHOLE_ROW_MAX``): one chunk
-      of ``next_power_of_2(D)`` units, the usual tokens a tile while the tile stays within
-      8192 (2-byte) or 4096 (4-byte) values, fewer for wider rows (down to 1), 8 warps for
-      4096-unit rows (4 below: narrower rows at 8 warps would no longer lie within each
-      thread), twice the splits for 4-byte inputs. For D <= 1024 that is the usual tile.
+    * ``relative`` (a relative threshold) and ``D <= WHOLE_ROW_MAX``: whole rows, so that the
+      threshold is computed in the one read: one chunk of ``next_power_of_2(D)`` units, the
+      usual tokens a tile while the tile stays within 8192 (2-byte) or 4096 (4-byte)
+      values, fewer for wider rows (down to 1), 8 warps for 4096-unit rows (4 below:
+      narrower rows at 8 warps would no longer lie within each thread), twice the splits
+      for 4-byte inputs. For D <= 1024 that is the usual tile; wider rows than
+      WHOLE_ROW_MAX get the usual chunks (and the pre-pass).
     """
     wide = itemsize >= 4
+    whole_rows = relative and triton.next_power_of_2(D) <= WHOLE_ROW_MAX
     tokens = (2 if masked else 4) if wide else (4 if masked else 8)
     if whole_rows:
         block_d = triton.next_power_of_2(max(D, 16))
@@ -523,8 +516,7 @@ def layer_moments_partials(
         BLOCK_D = min(1024, triton.next_power_of_2(max(D, 1)))
         num_warps, S = 1, 1
     else:
-        whole_rows = sparsity_rel is not None and triton.next_power_of_2(D) <= WHOLE_ROW_MAX
-        BLOCK_T, BLOCK_D, num_warps, S = _gpu_layout(B, T, D, dev, hidden.element_size(), whole_rows,
+        BLOCK_T, BLOCK_D, num_warps, S = _gpu_layout(B, T, D, dev, hidden.element_size(), sparsity_rel is not None,
                                                      attention_mask is not None)
     rows_per_split = triton.cdiv(triton.cdiv(T, S), BLOCK_T) * BLOCK_T
     S = triton.cdiv(T, rows_per_split)

@@ -355,13 +355,16 @@ def test_gpu_whole_row_layouts(itemsize, masked):
 
     cpu = torch.device("cpu")
     for D in (5, 64, 768, 1024, 1500, 2048, 3000, WHOLE_ROW_MAX):
-        bt, bd, nw, _ = _gpu_layout(4, 512, D, cpu, itemsize, whole_rows=True, masked=masked)
-        usual = _gpu_layout(4, 512, D, cpu, itemsize, whole_rows=False, masked=masked)
+        bt, bd, nw, _ = _gpu_layout(4, 512, D, cpu, itemsize, relative=True, masked=masked)
+        usual = _gpu_layout(4, 512, D, cpu, itemsize, relative=False, masked=masked)
         assert bd >= D and bd == triton.next_power_of_2(max(D, 16))
         assert bt * bd <= max(usual[0] * usual[1], 8192 // itemsize * 2)
         assert nw == 4 or bd >= 32 * nw * (16 // itemsize)
         if D <= 1024:
             assert (bt, bd, nw) == usual[:3]
+    wider = WHOLE_ROW_MAX + 1  # the pre-pass: the usual chunked layout
+    assert _gpu_layout(4, 512, wider, cpu, itemsize, relative=True, masked=masked) == _gpu_layout(
+        4, 512, wider, cpu, itemsize, relative=False, masked=masked)
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf", "overflow"])
