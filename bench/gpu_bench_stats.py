@@ -5,7 +5,9 @@ measured device-to-device copy bandwidth and the eager reference. From the repo 
     python bench/gpu_bench_stats.py [--out results.json]
 
 GB/s counts the activation bytes read once (B*T*D*itemsize; two tensors for similarity;
-the valid rows' bytes for ``layer_moments_ragged_valid_bytes``).
+the valid rows' bytes for the ``*_valid_bytes`` cases). ``layer_moments_T-6`` reads
+[16, 4090, 4096] (T not a multiple of 16), ``layer_moments_holes_valid_bytes`` a mask with
+a hole every 7 tokens (every range through the second launch's mask pass).
 """
 
 from __future__ import annotations
@@ -50,8 +52,14 @@ def main() -> int:
         g = torch.Generator().manual_seed(0)
         lengths = torch.randint(T // 2, T + 1, (B,), generator=g).to(dev)
         ragged = (torch.arange(T, device=dev)[None, :] < lengths[:, None]).long()
+        holes = torch.ones(B, T, device=dev, dtype=torch.long)
+        holes[:, ::7] = 0  # a hole every 7 tokens: every range goes to the second launch's mask pass
         nbytes = h.numel() * h.element_size()
+        h_odd = h[:, : T - 6]  # T not a multiple of 16: the span form's loop without a mask
         for cname, fn, nb in (
+            ("layer_moments_T-6", lambda: ops.layer_moments(h_odd), nbytes * (T - 6) // T),
+            ("layer_moments_holes_valid_bytes", lambda: ops.layer_moments(h, holes),
+             int(holes.sum()) * D * h.element_size()),
             ("layer_moments", lambda: ops.layer_moments(h), nbytes),
             ("layer_moments_mask", lambda: ops.layer_moments(h, mask), nbytes),
             ("layer_moments_ragged_valid_bytes", lambda: ops.layer_moments(h, ragged),

@@ -12,11 +12,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def setup(description: str) -> argparse.Namespace:
-    """Parse ``--out``, force ``AVSS_FAST_BACKEND=triton`` and make ``avss_fast`` (with its
-    ``avss_fast.kernels``) importable, installed or not."""
+def setup(description: str, extra=None) -> argparse.Namespace:
+    """Parse ``--out`` (and what ``extra(parser)`` adds), force ``AVSS_FAST_BACKEND=triton``
+    and make ``avss_fast`` (with its ``avss_fast.kernels``) importable, installed or not."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--out", help="write the results as JSON to this file")
+    if extra is not None:
+        extra(ap)
     args = ap.parse_args()
     os.environ["AVSS_FAST_BACKEND"] = "triton"
     if str(REPO) not in sys.path:

@@ -16,7 +16,7 @@ repo root:
 
 Arguments are specialised as a real launch on [16, 4096, 4096] would be (pointers and
 sizes divisible by 16, EVEN_D; no padding mask and the absolute threshold unless ``--mask``
-or ``--threshold`` say otherwise).
+or ``--threshold`` say otherwise; ``--ragged-t``: T not a multiple of 16).
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ SIGNATURE = {
     "x_ptr": None, "mask_ptr": "*i64", "thr_ptr": "*fp32", "colsum_ptr": "*fp32", "colcnt_ptr": "*i32",
     "rowpart_ptr": "*fp32", "cnt_ptr": "*i32", "T": "i32", "D": "i32", "rows_per_split": "i32",
     "stride_xb": "i64", "stride_xt": "i64", "stride_mb": "i64", "stride_mt": "constexpr", "eps": "fp32",
-    "HAS_MASK": "constexpr", "USE_THR": "constexpr", "ROW_THR": "constexpr", "PREFETCH_MASK": "constexpr",
+    "HAS_MASK": "constexpr", "USE_THR": "constexpr", "ROW_THR": "constexpr",
     "EVEN_D": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr", "ROWS_IN_THREAD": "constexpr",
+    "ROWS": "constexpr", "SPAN_BLOCK": "constexpr",
 }
 DIVISIBLE = ("x_ptr", "mask_ptr", "thr_ptr", "colsum_ptr", "colcnt_ptr", "rowpart_ptr", "cnt_ptr", "T", "D",
              "rows_per_split", "stride_xb", "stride_xt", "stride_mb")
@@ -57,10 +58,11 @@ _BRANCH = re.compile(r"BRA\s+`\((\.L_x_\d+)\)")
 
 
 def compile_sass(dtype: str, block_t: int, block_d: int, warps: int, arch: int, mask: bool = False,
-                 threshold: str = "abs") -> tuple[str, int, int]:
+                 threshold: str = "abs", ragged_t: bool = False) -> tuple[str, int, int]:
     """(SASS text, registers per thread, stack bytes per thread) of one layout; ``mask``: with
     a padding mask; ``threshold``: "abs" (eps), "rel" (whole-row tiles, in-kernel rms) or
-    "rel-prepass" (the pre-pass's thresholds)."""
+    "rel-prepass" (the pre-pass's thresholds); ``ragged_t``: T and the split not multiples
+    of 16 (rows read by the span form, as a launch decides)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -73,12 +75,14 @@ def compile_sass(dtype: str, block_t: int, block_d: int, warps: int, arch: int, 
     # as layer_moments_partials decides; stride_mt = 1: a contiguous mask (Triton specialises
     # integer arguments equal to 1)
     consts = {"stride_mt": 1, "HAS_MASK": mask, "USE_THR": threshold != "abs", "ROW_THR": threshold == "rel",
-              "PREFETCH_MASK": itemsize >= 4, "EVEN_D": True, "BLOCK_T": block_t, "BLOCK_D": block_d,
-              "ROWS_IN_THREAD": block_d >= 32 * warps * (16 // itemsize)}
+              "EVEN_D": True, "BLOCK_T": block_t, "BLOCK_D": block_d,
+              "ROWS_IN_THREAD": block_d >= 32 * warps * (16 // itemsize),
+              "ROWS": "span" if mask or ragged_t else "all", "SPAN_BLOCK": 512}
+    divisible = [a for a in DIVISIBLE if not (ragged_t and a in ("T", "rows_per_split"))]
     src = ASTSource(
         fn=_layer_moments_kernel, signature=sig,
         constexprs={(names.index(k),): v for k, v in consts.items()},
-        attrs={(names.index(a),): [["tt.divisibility", 16]] for a in DIVISIBLE},
+        attrs={(names.index(a),): [["tt.divisibility", 16]] for a in divisible},
     )
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -92,19 +96,27 @@ def compile_sass(dtype: str, block_t: int, block_d: int, warps: int, arch: int, 
     return res.stdout, int(regs.group(1)) if regs else -1, int(stack.group(1)) if stack else -1
 
 
-def hot_loop(sass: str) -> dict[str, int]:
-    """Opcode counts of the first loop (a backward branch to a label): the fast pass."""
+def hot_loop(sass: str) -> tuple[dict[str, int], list[int]]:
+    """Opcode counts of the largest loop (a backward branch to a label): the fast pass over
+    the tiles (with a mask, after the loop that reads the range's mask); and the positions of
+    its global loads in the loop's instructions."""
     lines = sass.splitlines()
     labels = {m.group(1): i for i, ln in enumerate(lines) if (m := _LABEL.match(ln))}
+    best: tuple[int, int] | None = None
     for i, ln in enumerate(lines):
         m = _BRANCH.search(ln)
-        if m and labels.get(m.group(1), i) < i:
-            ops: dict[str, int] = {}
-            for body in lines[labels[m.group(1)] : i + 1]:
-                if im := _INSTR.match(body):
-                    ops[im.group(1)] = ops.get(im.group(1), 0) + 1
-            return ops
-    raise RuntimeError("no loop found in the SASS")
+        if m and labels.get(m.group(1), i) < i and (best is None or i - labels[m.group(1)] > best[1] - best[0]):
+            best = (labels[m.group(1)], i)
+    if best is None:
+        raise RuntimeError("no loop found in the SASS")
+    ops: dict[str, int] = {}
+    loads = []
+    for body in lines[best[0] : best[1] + 1]:
+        if im := _INSTR.match(body):
+            if im.group(1) == "LDG":
+                loads.append(sum(ops.values()))
+            ops[im.group(1)] = ops.get(im.group(1), 0) + 1
+    return ops, loads
 
 
 def main() -> int:
@@ -117,12 +129,16 @@ def main() -> int:
     ap.add_argument("--threshold", default="abs", choices=["abs", "rel", "rel-prepass"],
                     help="near-zero threshold: eps, relative in one read (whole rows: layouts with "
                          "BLOCK_D >= 4096 only), relative from the pre-pass")
+    ap.add_argument("--ragged-t", action="store_true",
+                    help="T and the split not multiples of 16 (the span form's loop, as a launch takes it)")
     ap.add_argument("--json", help="write the rows here too")
     args = ap.parse_args()
     rows = []
-    print(f"sm_{args.arch}: fast-pass loop of _layer_moments_kernel, per activation value (thread instructions)")
+    print(f"sm_{args.arch}: fast-pass loop of _layer_moments_kernel, per activation value (thread instructions;"
+          " with a mask or --ragged-t the loop holds two forms of the tile's loads, whole and partial tiles);"
+          " ld spread: instructions from the first to the last of a tile's loads (small: back to back)")
     print(f"{'dtype':>5} {'T':>3} {'D':>5} {'warps':>5} {'regs':>4} {'stack':>5} {'prog/SM':>7} {'instr/value':>11}"
-          f" {'spill ld+st':>11} {'bar':>4} {'shfl':>5}")
+          f" {'spill ld+st':>11} {'bar':>4} {'shfl':>5} {'ld spread':>9}")
     for dtype in args.dtype:
         for block_t, block_d, warps in _layouts(args.layouts):
             values_per_thread = block_t * block_d / (32 * warps)
@@ -131,22 +147,25 @@ def main() -> int:
             if args.threshold == "rel" and block_d < 4096:
                 continue  # a real launch takes the in-kernel threshold only when a chunk holds whole rows
             try:
-                sass, regs, stack = compile_sass(dtype, block_t, block_d, warps, args.arch, args.mask, args.threshold)
-                ops = hot_loop(sass)
+                sass, regs, stack = compile_sass(dtype, block_t, block_d, warps, args.arch, args.mask, args.threshold,
+                                                 args.ragged_t)
+                ops, loads = hot_loop(sass)
             except Exception as e:  # noqa: BLE001 - a layout that does not compile is reported, not fatal
                 print(f"{dtype:>5} {block_t:>3} {block_d:>5} {warps:>5}  failed: {type(e).__name__}: {str(e)[:80]}")
                 continue
             total = sum(ops.values())
+            per_tile = max(1, int(values_per_thread * {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]) // 16)  # 16-byte loads
+            spread = loads[min(per_tile, len(loads)) - 1] - loads[0] if loads else -1
             # resident programs per SM by registers alone (64K registers; allocation granularity ignored)
             progs = 65536 // max(1, regs * 32 * warps)
             row = dict(dtype=dtype, block_t=block_t, block_d=block_d, warps=warps, registers=regs, stack=stack,
                        programs_per_sm=progs, loop_instructions=total,
                        per_value=total / values_per_thread, spills=ops.get("LDL", 0) + ops.get("STL", 0),
-                       barriers=ops.get("BAR", 0), shuffles=ops.get("SHFL", 0), ops=ops)
+                       barriers=ops.get("BAR", 0), shuffles=ops.get("SHFL", 0), load_spread=spread, ops=ops)
             rows.append(row)
             print(f"{dtype:>5} {block_t:>3} {block_d:>5} {warps:>5} {regs:>4} {stack:>5} {progs:>7}"
                   f" {row['per_value']:>11.2f} {row['spills']:>11}"
-                  f" {row['barriers']:>4} {row['shuffles']:>5}", flush=True)
+                  f" {row['barriers']:>4} {row['shuffles']:>5} {spread:>9}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

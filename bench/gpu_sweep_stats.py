@@ -91,7 +91,7 @@ def main() -> int:
             if skipped:
                 emit({"dtype": str(dt), "case": case, "skipped_configs_over_time_budget": skipped})
             results.sort()
-            default = _gpu_layout(B, T, D, dev, h.element_size(), rel is not None, mask is not None)
+            default = _gpu_layout(B, T, D, dev, h.element_size(), rel is not None)
             for ms_k, tiles in results[:3] + [(None, default)]:
                 ms = triton.testing.do_bench(lambda: layer_moments_packed(h, mask, 1e-5, rel, tiles=tiles),
                                              warmup=3, rep=20)

@@ -54,3 +54,22 @@ def valid_rows(mask_ptr, b, offs_t, in_t, stride_mb, stride_mt, HAS_MASK: tl.con
     if HAS_MASK:
         return in_t & (mask_values(mask_ptr, b, offs_t, in_t, stride_mb, stride_mt, HAS_MASK) != 0)
     return in_t
+
+
+@triton.jit
+def valid_span(mask_ptr, b, t_begin, t_end, stride_mb, stride_mt, BLOCK: tl.constexpr):
+    """``(lo, hi, holes)`` of sample ``b``'s rows ``[t_begin, t_end)``: the first valid row
+    and one past the last (``lo = hi = t_end`` when none is valid), and whether padding lies
+    between them (``count of valid rows != hi - lo``). One read of the range's mask, BLOCK
+    rows at a time."""
+    lo = t_end
+    hi = t_begin
+    n = t_end - t_end  # 0, of the bounds' integer type
+    for t0 in range(t_begin, t_end, BLOCK):
+        offs_t = t0 + tl.arange(0, BLOCK)
+        ok = valid_rows(mask_ptr, b, offs_t, offs_t < t_end, stride_mb, stride_mt, True)
+        lo = tl.minimum(lo, tl.min(tl.where(ok, offs_t, t_end), axis=0))
+        hi = tl.maximum(hi, tl.max(tl.where(ok, offs_t + 1, t_begin), axis=0))
+        n += tl.sum(ok.to(n.dtype), axis=0)
+    hi = tl.maximum(hi, lo)
+    return lo, hi, n != hi - lo

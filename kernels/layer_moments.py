@@ -5,8 +5,12 @@ Four launches, none of which waits on the host:
 
 1. ``_layer_moments_kernel``, grid (sample b, hidden chunk of BLOCK_D units, token split):
    the one read of the activation. A program walks its tokens in tiles of BLOCK_T rows
-   (padding rows are not loaded; with PREFETCH_MASK the padding mask of the next tile is
-   loaded while this one is read, so the tile's loads do not wait on its mask) and per tile
+   (``_fast_pass``; padding rows are not loaded). With a padding mask it first reads the
+   mask of its range once (``valid_span``): where the valid rows form one span, as right
+   or left padding leaves them, the tiles are read by that span, with no mask load in
+   front of a tile's loads (a dependent latency a tile, which held bf16 at 57% of copy
+   bandwidth on an H100); a range with holes in its padding is marked -2 and left to the
+   next launch. Per tile (``_tile``) it
 
    * adds the tile's column sums into [BLOCK_D] registers (the partials of the per-sample
      token mean behind the AVSS pooled variance) and its per-column near-zero counts
@@ -31,12 +35,14 @@ Four launches, none of which waits on the host:
    (every value counts as near zero) and one whose squares underflow (|h| < ~1e-19) a
    zero threshold, in the kernels and the CPU path alike (the float64 reference does not).
 
-2. ``_layer_moments_exact_kernel``, the same grid: a marked program redoes its range with
-   the exact masked pass (``_exact_pass``: every value tested with ``|x| <= FLT_MAX``,
-   non-finite values counted and left out; otherwise the same fp32 formulas in the same
-   order) and overwrites its slots; every other program reads its mark and ends. In the
-   fast kernel's launch (the earlier form) the exact pass set the register count of the
-   whole kernel.
+2. ``_layer_moments_exact_kernel``, the same grid: a marked program redoes its range and
+   overwrites its slots; every other program reads its mark and ends. A range with holes
+   (-2) takes the fast pass with each tile's mask (with PREFETCH_MASK the next tile's mask
+   is loaded while this one is read), then, if that finds a non-finite row, the exact
+   pass; a non-finite range (-1) the exact masked pass (``_exact_pass``: every value
+   tested with ``|x| <= FLT_MAX``, non-finite values counted and left out; otherwise the
+   same fp32 formulas in the same order). In the fast kernel's launch (the earlier form)
+   the exact pass set the register count of the whole kernel.
 
 3. ``_finish_kernel``, grid (token blocks + sample x unit blocks): Chan-merges each
    token's chunk partials in float64, ``mu = sum n_c mu_c / N``,
@@ -65,7 +71,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLT_MAX, kernel_mask, mask_values, valid_rows
+from ._common import FLT_MAX, kernel_mask, mask_values, valid_rows, valid_span
 
 
 @triton.jit
@@ -177,7 +183,165 @@ def _exact_pass(
 
 
 @triton.jit
+def _tile(
+    x_ptr, thr_ptr, rowpart_ptr, b, dc, n_dc, T, t0, offs_t, in_t, row_ok, lo, hi, offs_d, in_d, n_chunk,
+    stride_xb, stride_xt, eps, col_acc, nz_acc, n_rows, bad,
+    SPAN: tl.constexpr, USE_THR: tl.constexpr, ROW_THR: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, ROWS_IN_THREAD: tl.constexpr,
+):
+    """The fast pass over one [BLOCK_T, BLOCK_D] tile: adds its column sums and near-zero
+    counts to the accumulators, stores each row's (count, mean, M2) in this chunk (0, 0, 0
+    for rows not valid: padding, loaded as zeros) and returns the accumulators.
+
+    The valid rows are ``row_ok``, or with SPAN the rows in ``[lo, hi)`` (int32): a tile
+    inside the span is loaded without row predicates, a branch a tile. ``lo``, ``hi`` come
+    from a cross-thread reduction, so the compiler cannot keep the rows' predicates in
+    uniform registers as it does for ``offs_t < t_end``; loads predicated by them (and the
+    zeros their ``other`` needs first) made ptxas issue a tile's loads one after another
+    (sm_90 SASS: 8 loads spread over 180 instructions instead of back to back)."""
+    row_ptr = x_ptr + b * stride_xb + offs_t * stride_xt
+    if SPAN:
+        if (t0 >= lo) & (t0 + BLOCK_T <= hi):
+            row_ok = in_t  # all true, as each row is inside the span
+            if EVEN_D:
+                x = tl.load(row_ptr[:, None] + offs_d[None, :])
+            else:
+                x = tl.load(row_ptr[:, None] + offs_d[None, :], mask=in_d[None, :], other=0.0)
+        else:
+            t32 = offs_t.to(tl.int32)
+            row_ok = (t32 >= lo) & (t32 < hi)
+            if EVEN_D:
+                x = tl.load(row_ptr[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            else:
+                x = tl.load(row_ptr[:, None] + offs_d[None, :], mask=row_ok[:, None] & in_d[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(row_ptr[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        else:
+            x = tl.load(row_ptr[:, None] + offs_d[None, :], mask=row_ok[:, None] & in_d[None, :], other=0.0)
+    x = x.to(tl.float32)
+    # the column sums and near-zero counts first: x is dead once dev is formed, so dev can
+    # take its registers
+    col_acc = _col_add(col_acc, x, ROWS_IN_THREAD)
+    thr = _row_threshold(thr_ptr, b, T, offs_t, in_t, x, n_chunk, eps, USE_THR, ROW_THR)
+    thr_row = tl.where(row_ok, thr, 0.0)  # |x| < 0 never holds: padding is not counted
+    near = tl.abs(x) < thr_row[:, None]
+    if not EVEN_D:
+        near = near & in_d[None, :]
+    nz_acc = _col_add(nz_acc, near.to(tl.int32), ROWS_IN_THREAD)
+    n_rows += row_ok.to(tl.int32)
+    # one divisor for every row (padding and tail rows are loaded as 0 and sum to 0):
+    # per-row divisors cost a reciprocal sequence a row (offline sm_90 SASS)
+    mean = tl.sum(x, axis=1) / n_chunk
+    dev = x - mean[:, None]
+    if not EVEN_D:
+        dev = tl.where(in_d[None, :], dev, 0.0)
+    m2 = tl.sum(dev * dev, axis=1)
+    rp = rowpart_ptr + ((b * T + offs_t) * n_dc + dc) * 3
+    tl.store(rp, tl.where(row_ok, n_chunk, 0.0), mask=in_t)
+    tl.store(rp + 1, mean, mask=in_t)
+    tl.store(rp + 2, m2, mask=in_t)
+    bad += (~(m2 <= FLT_MAX)).to(tl.int32)  # NaN or Inf in the row (padding rows: M2 = 0)
+    return col_acc, nz_acc, n_rows, bad
+
+
+@triton.jit
+def _fast_pass(
+    x_ptr, mask_ptr, thr_ptr, rowpart_ptr, b, dc, n_dc, T, t_begin, t_end, lo, hi, offs_d, in_d, n_chunk,
+    stride_xb, stride_xt, stride_mb, stride_mt, eps,
+    ROWS: tl.constexpr, PREFETCH_MASK: tl.constexpr, USE_THR: tl.constexpr, ROW_THR: tl.constexpr,
+    EVEN_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ROWS_IN_THREAD: tl.constexpr,
+):
+    """The fast pass over rows ``[t_begin, t_end)`` in tiles of BLOCK_T: (column-sum
+    accumulator, near-zero accumulator, valid rows [BLOCK_T], rows with a non-finite M2
+    [BLOCK_T]), the rows' (count, mean, M2) stored by :func:`_tile`. Which rows are valid,
+    by ROWS:
+
+    * ``"all"``: every row in range (``offs_t < t_end``; with T and the split multiples of
+      16, which Triton specialises on, that is one value a tile and the loads are issued
+      unpredicated, back to back);
+    * ``"span"``: those in ``[lo, hi)`` (int32), a branch a tile between a tile inside the
+      span (unpredicated loads) and the others (see :func:`_tile`). The loop's bounds stay
+      the range's: bounds taken from the span cost the sm_90 loop 12% more registers;
+    * ``"mask"``: those with ``mask != 0``, each tile's mask loaded before its rows
+      (PREFETCH_MASK: one tile ahead, its raw values carried into the next iteration, so
+      that a tile's loads do not wait on a load of its mask; fp32 on an H100: 62% -> 94% of
+      copy bandwidth, in bf16 slower than the dependent load, bench/README.md).
+    """
+    if ROWS_IN_THREAD:
+        col_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        nz_acc = tl.zeros([BLOCK_D], dtype=tl.int32)
+    else:
+        col_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+        nz_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)
+    n_rows = tl.zeros([BLOCK_T], dtype=tl.int32)
+    bad = tl.zeros([BLOCK_T], dtype=tl.int32)
+    if ROWS == "mask" and PREFETCH_MASK:
+        offs_t = t_begin + tl.arange(0, BLOCK_T)
+        m = mask_values(mask_ptr, b, offs_t, offs_t < t_end, stride_mb, stride_mt, True)
+    for t0 in range(t_begin, t_end, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        in_t = offs_t < t_end
+        row_ok = in_t
+        if ROWS == "mask":
+            if PREFETCH_MASK:
+                row_ok = in_t & (m != 0)
+                offs_next = offs_t + BLOCK_T
+                m = mask_values(mask_ptr, b, offs_next, offs_next < t_end, stride_mb, stride_mt, True)
+            else:
+                row_ok = in_t & (mask_values(mask_ptr, b, offs_t, in_t, stride_mb, stride_mt, True) != 0)
+        col_acc, nz_acc, n_rows, bad = _tile(
+            x_ptr, thr_ptr, rowpart_ptr, b, dc, n_dc, T, t0, offs_t, in_t, row_ok, lo, hi, offs_d, in_d, n_chunk,
+            stride_xb, stride_xt, eps, col_acc, nz_acc, n_rows, bad,
+            ROWS == "span", USE_THR, ROW_THR, EVEN_D, BLOCK_T, ROWS_IN_THREAD)
+    return col_acc, nz_acc, n_rows, bad
+
+
+@triton.jit
 def _layer_moments_kernel(
+    x_ptr, mask_ptr, thr_ptr,
+    colsum_ptr, colcnt_ptr, rowpart_ptr, cnt_ptr,
+    T, D, rows_per_split,
+    stride_xb, stride_xt, stride_mb, stride_mt,
+    eps,
+    HAS_MASK: tl.constexpr,
+    USE_THR: tl.constexpr,
+    ROW_THR: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ROWS_IN_THREAD: tl.constexpr,
+    ROWS: tl.constexpr,
+    SPAN_BLOCK: tl.constexpr,
+):
+    b, dc, sp, n_dc, n_sp, offs_d, in_d, t_begin, t_end = _program_range(T, D, rows_per_split, BLOCK_D)
+    n_chunk = tl.minimum(D - dc * BLOCK_D, BLOCK_D).to(tl.float32)  # values per valid row in this chunk
+    if HAS_MASK:
+        # the valid rows' span first (one read of the range's mask): a range whose padding
+        # leaves no holes (right or left padding, or none) is read by its span with no mask
+        # load in front of each tile's loads; a range with holes reads nothing here and is
+        # marked -2 for the next launch, which reads it with its mask
+        lo, hi, holes = valid_span(mask_ptr, b, t_begin, t_end, stride_mb, stride_mt, SPAN_BLOCK)
+        hi = tl.where(holes, lo, hi)
+    else:
+        lo, hi = t_begin, t_end
+    col_acc, nz_acc, n_rows, bad = _fast_pass(
+        x_ptr, mask_ptr, thr_ptr, rowpart_ptr, b, dc, n_dc, T, t_begin, t_end, lo.to(tl.int32), hi.to(tl.int32),
+        offs_d, in_d, n_chunk, stride_xb, stride_xt, stride_mb, stride_mt, eps,
+        ROWS, False, USE_THR, ROW_THR, EVEN_D, BLOCK_T, BLOCK_D, ROWS_IN_THREAD,
+    )
+    # rare: a NaN/Inf (or an fp32 overflow) in this range; a non-finite count of -1 hands the
+    # range to _layer_moments_exact_kernel, the next launch (-2: holes, the mask pass)
+    mark = -(tl.sum(bad, axis=0) > 0).to(tl.int32)
+    if HAS_MASK:
+        mark = tl.where(holes, -2, mark)
+    _store_program(colsum_ptr, colcnt_ptr, cnt_ptr, b, dc, sp, n_dc, n_sp, D, offs_d, in_d,
+                   _col_total(col_acc, ROWS_IN_THREAD), tl.zeros([BLOCK_D], dtype=tl.int32) + tl.sum(n_rows, axis=0),
+                   tl.sum(_col_total(nz_acc, ROWS_IN_THREAD), axis=0), mark)
+
+
+@triton.jit
+def _layer_moments_exact_kernel(
     x_ptr, mask_ptr, thr_ptr,
     colsum_ptr, colcnt_ptr, rowpart_ptr, cnt_ptr,
     T, D, rows_per_split,
@@ -192,91 +356,34 @@ def _layer_moments_kernel(
     BLOCK_D: tl.constexpr,
     ROWS_IN_THREAD: tl.constexpr,
 ):
-    b, dc, sp, n_dc, n_sp, offs_d, in_d, t_begin, t_end = _program_range(T, D, rows_per_split, BLOCK_D)
-    n_chunk = tl.minimum(D - dc * BLOCK_D, BLOCK_D).to(tl.float32)  # values per valid row in this chunk
+    """Same grid as ``_layer_moments_kernel``: a program whose range the fast kernel marked
+    redoes it and overwrites its slots, the others only read the mark.
 
-    if ROWS_IN_THREAD:
-        col_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        nz_acc = tl.zeros([BLOCK_D], dtype=tl.int32)
-    else:
-        col_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        nz_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)
-    n_rows = tl.zeros([BLOCK_T], dtype=tl.int32)
-    bad = tl.zeros([BLOCK_T], dtype=tl.int32)
-    # PREFETCH_MASK: the padding mask of a tile is loaded one tile ahead (its raw values,
-    # carried into the next iteration), so that a tile's loads do not wait on a load of its
-    # mask first (fp32 on an H100: 62% -> 94% of copy bandwidth; in bf16 it was slower than
-    # the dependent load, see bench/README.md)
-    if PREFETCH_MASK:
-        offs_t = t_begin + tl.arange(0, BLOCK_T)
-        m = mask_values(mask_ptr, b, offs_t, offs_t < t_end, stride_mb, stride_mt, HAS_MASK)
-    for t0 in range(t_begin, t_end, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        in_t = offs_t < t_end
-        if not PREFETCH_MASK:
-            m = mask_values(mask_ptr, b, offs_t, in_t, stride_mb, stride_mt, HAS_MASK)
-        row_ok = in_t & (m != 0)
-        row_ptr = x_ptr + b * stride_xb + offs_t * stride_xt
-        if EVEN_D:
-            x = tl.load(row_ptr[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        else:
-            x = tl.load(row_ptr[:, None] + offs_d[None, :], mask=row_ok[:, None] & in_d[None, :], other=0.0)
-        if PREFETCH_MASK:
-            offs_next = offs_t + BLOCK_T
-            m = mask_values(mask_ptr, b, offs_next, offs_next < t_end, stride_mb, stride_mt, HAS_MASK)
-        x = x.to(tl.float32)
-        # the column sums and near-zero counts first: x is dead once dev is formed, so dev can
-        # take its registers
-        col_acc = _col_add(col_acc, x, ROWS_IN_THREAD)
-        thr = _row_threshold(thr_ptr, b, T, offs_t, in_t, x, n_chunk, eps, USE_THR, ROW_THR)
-        thr_row = tl.where(row_ok, thr, 0.0)  # |x| < 0 never holds: padding is not counted
-        near = tl.abs(x) < thr_row[:, None]
-        if not EVEN_D:
-            near = near & in_d[None, :]
-        nz_acc = _col_add(nz_acc, near.to(tl.int32), ROWS_IN_THREAD)
-        n_rows += row_ok.to(tl.int32)
-        # one divisor for every row (padding and tail rows are loaded as 0 and sum to 0):
-        # per-row divisors cost a reciprocal sequence a row (offline sm_90 SASS)
-        mean = tl.sum(x, axis=1) / n_chunk
-        dev = x - mean[:, None]
-        if not EVEN_D:
-            dev = tl.where(in_d[None, :], dev, 0.0)
-        m2 = tl.sum(dev * dev, axis=1)
-        rp = rowpart_ptr + ((b * T + offs_t) * n_dc + dc) * 3
-        tl.store(rp, tl.where(row_ok, n_chunk, 0.0), mask=in_t)
-        tl.store(rp + 1, mean, mask=in_t)
-        tl.store(rp + 2, m2, mask=in_t)
-        bad += (~(m2 <= FLT_MAX)).to(tl.int32)  # NaN or Inf in the row (padding rows: M2 = 0)
+    * -2 (padding with holes in the range): the fast pass with each tile's mask, then, if
+      that finds a non-finite row, the exact pass;
+    * -1 (a non-finite row): the exact pass, every value tested.
 
-    # rare: a NaN/Inf (or an fp32 overflow) in this range; a non-finite count of -1 hands the
-    # range to _layer_moments_exact_kernel, the next launch
-    _store_program(colsum_ptr, colcnt_ptr, cnt_ptr, b, dc, sp, n_dc, n_sp, D, offs_d, in_d,
-                   _col_total(col_acc, ROWS_IN_THREAD), tl.zeros([BLOCK_D], dtype=tl.int32) + tl.sum(n_rows, axis=0),
-                   tl.sum(_col_total(nz_acc, ROWS_IN_THREAD), axis=0), -(tl.sum(bad, axis=0) > 0).to(tl.int32))
-
-
-@triton.jit
-def _layer_moments_exact_kernel(
-    x_ptr, mask_ptr, thr_ptr,
-    colsum_ptr, colcnt_ptr, rowpart_ptr, cnt_ptr,
-    T, D, rows_per_split,
-    stride_xb, stride_xt, stride_mb, stride_mt,
-    eps,
-    HAS_MASK: tl.constexpr,
-    USE_THR: tl.constexpr,
-    ROW_THR: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    ROWS_IN_THREAD: tl.constexpr,
-):
-    """Same grid as ``_layer_moments_kernel``; a program whose range the fast pass marked
-    (non-finite count -1) redoes it with every value tested and overwrites its slots, the
-    others only read the mark. A launch of its own so that the exact pass's registers (three
-    more tile-sized live values) do not set the fast kernel's register count: offline sm_90
+    A launch of its own so that neither the exact pass's registers (three more tile-sized
+    live values) nor the mask loads set the fast kernel's register count: offline sm_90
     builds show 255 -> 125 registers for bf16 [8 x 1024] tiles and 255 -> 80 for fp32
     [4 x 1024] (bench/gpu_sass_stats.py), i.e. more resident programs per SM."""
     b, dc, sp, n_dc, n_sp, offs_d, in_d, t_begin, t_end = _program_range(T, D, rows_per_split, BLOCK_D)
-    if tl.load(cnt_ptr + ((b * n_dc + dc) * n_sp + sp) * 2 + 1) < 0:
+    mark = tl.load(cnt_ptr + ((b * n_dc + dc) * n_sp + sp) * 2 + 1)
+    if HAS_MASK:
+        if mark == -2:
+            n_chunk = tl.minimum(D - dc * BLOCK_D, BLOCK_D).to(tl.float32)
+            col_acc, nz_acc, n_rows, bad = _fast_pass(
+                x_ptr, mask_ptr, thr_ptr, rowpart_ptr, b, dc, n_dc, T, t_begin, t_end, t_begin, t_end, offs_d,
+                in_d, n_chunk, stride_xb, stride_xt, stride_mb, stride_mt, eps,
+                "mask", PREFETCH_MASK, USE_THR, ROW_THR, EVEN_D, BLOCK_T, BLOCK_D, ROWS_IN_THREAD,
+            )
+            mark = -(tl.sum(bad, axis=0) > 0).to(tl.int32)
+            if mark == 0:
+                _store_program(colsum_ptr, colcnt_ptr, cnt_ptr, b, dc, sp, n_dc, n_sp, D, offs_d, in_d,
+                               _col_total(col_acc, ROWS_IN_THREAD),
+                               tl.zeros([BLOCK_D], dtype=tl.int32) + tl.sum(n_rows, axis=0),
+                               tl.sum(_col_total(nz_acc, ROWS_IN_THREAD), axis=0), 0)
+    if mark < 0:
         col_sum, col_cnt, nz, nonfinite = _exact_pass(
             x_ptr, mask_ptr, thr_ptr, rowpart_ptr, b, dc, n_dc, T, t_begin, t_end, offs_d, in_d,
             stride_xb, stride_xt, stride_mb, stride_mt, eps,
@@ -444,16 +551,15 @@ def _row_sumsq_kernel(
 WHOLE_ROW_MAX = 4096
 
 
-def _gpu_layout(B: int, T: int, D: int, device, itemsize: int = 2, relative: bool = False,
-                masked: bool = False) -> tuple[int, int, int, int]:
+def _gpu_layout(B: int, T: int, D: int, device, itemsize: int = 2, relative: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_T, BLOCK_D, num_warps, splits) on a GPU, from bench/gpu_sweep_stats.py (H200,
     [16, 4096, 4096]: 1024-unit chunks, 8 tokens a tile for 2-byte and 4 for 4-byte inputs,
     4 warps, about 4 programs per SM were best of 72 layouts in bf16 and in fp32) and the
     H100 measurements of bench/README.md (at D = 4096):
 
-    * with a padding mask, 4 tokens a tile for 2-byte inputs (the mask loaded with its
-      tile), 2 tokens a tile and twice the splits for 4-byte inputs (the mask loaded a
-      tile ahead);
+    * with a padding mask, the same: the fast kernel reads a range by the span of its valid
+      rows, as it reads a range without padding (the layouts for the mask loaded with each
+      tile, 4 tokens bf16 and 2 fp32 with twice the splits, went with that form);
     * ``relative`` (a relative threshold) and ``D <= WHOLE_ROW_MAX``: whole rows, so that the
       threshold is computed in the one read: one chunk of ``next_power_of_2(D)`` units, the
       usual tokens a tile while the tile stays within 8192 (2-byte) or 4096 (4-byte)
@@ -464,7 +570,7 @@ def _gpu_layout(B: int, T: int, D: int, device, itemsize: int = 2, relative: boo
     """
     wide = itemsize >= 4
     whole_rows = relative and triton.next_power_of_2(D) <= WHOLE_ROW_MAX
-    tokens = (2 if masked else 4) if wide else (4 if masked else 8)
+    tokens = 4 if wide else 8
     if whole_rows:
         block_d = triton.next_power_of_2(max(D, 16))
         block_t = max(1, min(tokens, (4096 if wide else 8192) // block_d))
@@ -473,7 +579,7 @@ def _gpu_layout(B: int, T: int, D: int, device, itemsize: int = 2, relative: boo
         block_d = min(1024, triton.next_power_of_2(max(D, 16)))
         block_t = tokens
         warps = 4
-    waves = 2 if wide and (whole_rows or masked) else 1
+    waves = 2 if wide and whole_rows else 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     want = max(1, (4 * waves * sms) // max(1, B * triton.cdiv(D, block_d)))
     return block_t, block_d, warps, max(1, min(triton.cdiv(T, block_t), want))
@@ -516,9 +622,10 @@ def layer_moments_partials(
         BLOCK_D = min(1024, triton.next_power_of_2(max(D, 1)))
         num_warps, S = 1, 1
     else:
-        BLOCK_T, BLOCK_D, num_warps, S = _gpu_layout(B, T, D, dev, hidden.element_size(), sparsity_rel is not None,
-                                                     attention_mask is not None)
-    rows_per_split = triton.cdiv(triton.cdiv(T, S), BLOCK_T) * BLOCK_T
+        BLOCK_T, BLOCK_D, num_warps, S = _gpu_layout(B, T, D, dev, hidden.element_size(), sparsity_rel is not None)
+    # on a GPU a multiple of 16 (Triton specialises integer arguments divisible by 16: see rows below)
+    step = BLOCK_T if tiles is not None or dev.type == "cpu" else max(BLOCK_T, 16)
+    rows_per_split = triton.cdiv(triton.cdiv(T, S), step) * step
     S = triton.cdiv(T, rows_per_split)
     C = triton.cdiv(D, BLOCK_D)
     row_thr = sparsity_rel is not None and C == 1
@@ -542,11 +649,19 @@ def layer_moments_partials(
         )
     args = (hidden, mask, thr, colsum, colcnt, rowpart, cnt, T, D, rows_per_split,
             hidden.stride(0), hidden.stride(1), smb, smt, float(sparsity_rel if row_thr else sparsity_eps))
-    meta = dict(HAS_MASK=has_mask, USE_THR=sparsity_rel is not None, ROW_THR=row_thr, BLOCK_T=BLOCK_T,
-                BLOCK_D=BLOCK_D, ROWS_IN_THREAD=rows_in_thread, num_warps=num_warps)
-    # the mask a tile ahead for 4-byte inputs only: with 2-byte inputs it cost registers
-    # (sm_90: 127 -> 159 at 8 x 1024) and time (H100, bench/README.md)
-    _layer_moments_kernel[(B, C, S)](*args, EVEN_D=D % BLOCK_D == 0, PREFETCH_MASK=hidden.element_size() >= 4, **meta)
+    meta = dict(HAS_MASK=has_mask, USE_THR=sparsity_rel is not None, ROW_THR=row_thr, EVEN_D=D % BLOCK_D == 0,
+                BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, ROWS_IN_THREAD=rows_in_thread, num_warps=num_warps)
+    # rows "all" only where T and the split are multiples of 16: then a tile's range test is
+    # one value for all its rows and the compiler issues its loads unpredicated, back to back;
+    # otherwise the "span" form's branch between whole and partial tiles does that. A mask is
+    # read SPAN_BLOCK values at a time for the span of the valid rows.
+    rows = "all" if not has_mask and T % 16 == 0 and rows_per_split % 16 == 0 else "span"
+    _layer_moments_kernel[(B, C, S)](*args, ROWS=rows, SPAN_BLOCK=min(1024, triton.next_power_of_2(rows_per_split)),
+                                     **meta)
+    # the second launch reads a range with holes in its padding by its mask, a tile ahead
+    # for 4-byte inputs only: with 2-byte inputs that cost registers (sm_90: 127 -> 159 at
+    # 8 x 1024) and time (H100, bench/README.md)
+    meta.update(PREFETCH_MASK=hidden.element_size() >= 4)
     _layer_moments_exact_kernel[(B, C, S)](*args, **meta)  # the same grid: redoes only marked ranges
     return dict(colsum=colsum, colcnt=colcnt, rowpart=rowpart, cnt=cnt)
 

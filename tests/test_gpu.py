@@ -57,12 +57,12 @@ LAYOUTS = [(2, 1024, 4, 8), (4, 512, 8, 3), (16, 256, 8, 2), (8, 256, 4, 40), (1
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("tiles", LAYOUTS, ids=str)
 def test_layer_moments_cuda_layouts_and_exact_pass(tiles, dtype, monkeypatch):
-    """GPU twin of test_ops' kernel-layout tests: tile layouts the sweep tries, in bf16 (the
-    mask loaded with its tile) and fp32 (the mask loaded a tile ahead), a NaN that sends one
-    program through the exact pass, a massive activation at a chunk start, padding (a hole
-    too), the merge kernels with shrunk blocks (every loop more than once), and the relative
-    threshold (the pre-pass, or in the one read for the 4096-unit layouts, whole rows of
-    2100 units)."""
+    """GPU twin of test_ops' kernel-layout tests: tile layouts the sweep tries, in bf16 and
+    fp32, a NaN that sends one program through the exact pass, a massive activation at a
+    chunk start, padding (right padding read by the span of the valid rows; a hole, whose
+    range the second launch reads with its mask, one tile ahead in fp32), the merge kernels
+    with shrunk blocks (every loop more than once), and the relative threshold (the
+    pre-pass, or in the one read for the 4096-unit layouts, whole rows of 2100 units)."""
     import avss_fast.kernels.layer_moments as lm
     from avss_fast.stats import Moments
 
@@ -82,6 +82,41 @@ def test_layer_moments_cuda_layouts_and_exact_pass(tiles, dtype, monkeypatch):
     ints, flts = lm.layer_moments_packed(h.cuda(), mask.cuda(), 1e-5, 0.05, tiles=tiles)
     got_rel = Moments._unpack(ints, flts).to("cpu").raw()
     assert got_rel["near_zero"] == ref_rel["near_zero"] and got_rel["nonfinite"] == ref_rel["nonfinite"] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("tiles", [None, (8, 1024, 4, 3), (4, 1024, 4, 5)], ids=str)
+def test_layer_moments_cuda_spans_and_holes(tiles, dtype, monkeypatch):
+    """GPU twin of test_ops.test_kernel_padding_spans_and_holes: ranges read by the span of
+    their valid rows (edges inside tiles, NaN under the padding never read), a range with
+    holes through the second launch's mask pass and, after a NaN in it, the exact pass; the
+    fast kernel's marks with the second launch switched off."""
+    import avss_fast.kernels.layer_moments as lm
+    from avss_fast.stats import Moments
+
+    B, T, D = 4, 200, 2048
+    h = _act((B, T, D), dtype, seed=7)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, 101:] = 0
+    mask[1, :37] = 0
+    mask[2, 5] = 0
+    h[0, 101:] = float("nan")
+    h[1, :37] = 1e30
+    h[2, 7, 3] = float("nan")
+    ref = reference.layer_moments(h, mask)
+    ints, flts = lm.layer_moments_packed(h.cuda(), mask.cuda(), 1e-5, None, tiles=tiles)
+    got = Moments._unpack(ints, flts).to("cpu")
+    assert got.raw()["nonfinite"] == 1
+    assert_moments_close(got, ref, rtol=2e-5, atol=1e-6)
+
+    class Off:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(lm, "_layer_moments_exact_kernel", Off())
+    marks = lm.layer_moments_partials(h.cuda(), mask.cuda(), 1e-5, None, tiles=tiles)["cnt"][..., 1].cpu()
+    assert (marks[2, :, 0] == -2).all()  # the hole at row 5 lies in the first split
+    assert (marks[[0, 1, 3]] == 0).all() and (marks[2, :, 1:] == 0).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -343,8 +343,7 @@ def test_kernel_relative_threshold_reads_once_for_whole_rows(monkeypatch):
 
 
 @pytest.mark.parametrize("itemsize", [2, 4])
-@pytest.mark.parametrize("masked", [False, True])
-def test_gpu_whole_row_layouts(itemsize, masked):
+def test_gpu_whole_row_layouts(itemsize):
     """The GPU layout of the relative threshold's one read: one chunk holds the row, the
     tile stays within the usual values, and 8 warps only where a row still lies within
     each thread (wider rows than WHOLE_ROW_MAX take the pre-pass; narrow rows get the
@@ -355,16 +354,77 @@ def test_gpu_whole_row_layouts(itemsize, masked):
 
     cpu = torch.device("cpu")
     for D in (5, 64, 768, 1024, 1500, 2048, 3000, WHOLE_ROW_MAX):
-        bt, bd, nw, _ = _gpu_layout(4, 512, D, cpu, itemsize, relative=True, masked=masked)
-        usual = _gpu_layout(4, 512, D, cpu, itemsize, relative=False, masked=masked)
+        bt, bd, nw, _ = _gpu_layout(4, 512, D, cpu, itemsize, relative=True)
+        usual = _gpu_layout(4, 512, D, cpu, itemsize, relative=False)
         assert bd >= D and bd == triton.next_power_of_2(max(D, 16))
         assert bt * bd <= max(usual[0] * usual[1], 8192 // itemsize * 2)
         assert nw == 4 or bd >= 32 * nw * (16 // itemsize)
         if D <= 1024:
             assert (bt, bd, nw) == usual[:3]
     wider = WHOLE_ROW_MAX + 1  # the pre-pass: the usual chunked layout
-    assert _gpu_layout(4, 512, wider, cpu, itemsize, relative=True, masked=masked) == _gpu_layout(
-        4, 512, wider, cpu, itemsize, relative=False, masked=masked)
+    assert _gpu_layout(4, 512, wider, cpu, itemsize, relative=True) == _gpu_layout(
+        4, 512, wider, cpu, itemsize, relative=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kernel_padding_spans_and_holes(monkeypatch, dtype):
+    """The fast kernel reads a range by the span of its valid rows (edges inside tiles,
+    garbage under the padding never read) and hands a range with holes to the second
+    launch (mark -2), which reads it with its mask and, after a NaN, exactly (-1). With
+    the second launch switched off the marks show the classification; with it, every
+    range equals the reference."""
+    import avss_fast.kernels.layer_moments as lm
+
+    T, tiles = 48, (4, 32, 1, 3)  # splits of 16 rows: [0, 16), [16, 32), [32, 48)
+    h = _activations((4, T, 40), dtype, seed=27)
+    mask = torch.ones(4, T, dtype=torch.long)
+    mask[0, 21:] = 0  # right padding: split 1 keeps [16, 21) (an edge inside a tile), split 2 is all padding
+    mask[1, :13] = 0  # left padding: split 0 keeps [13, 16)
+    mask[2, 5] = 0  # a hole: split 0 of sample 2 goes to the second launch
+    mask[2, 40:42] = 0  # and one in split 2
+    h[0, 21:] = float("nan")  # under padding: never read, never counted
+    h[1, :13] = 1e30
+    h[2, 7, 3] = float("nan")  # in a range with holes: the mask pass, then the exact pass
+    h[3, 30, 1] = float("inf")  # in a range without padding: the exact pass
+    ref = reference.layer_moments(h, mask)
+    got = _triton_moments(h, mask, tiles=tiles)
+    assert got.raw()["nonfinite"] == 2
+    assert_moments_close(got, ref, rtol=2e-5, atol=1e-7)
+
+    class Off:  # the second launch does nothing: the fast kernel's marks stay
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(lm, "_layer_moments_exact_kernel", Off())
+    marks = lm.layer_moments_partials(h, mask, 1e-5, None, tiles=tiles)["cnt"][..., 1]  # [B, C, S]
+    expected = torch.zeros(4, 2, 3, dtype=torch.int32)  # [B, hidden chunks of 32, splits]
+    expected[2, :, 0] = expected[2, :, 2] = -2  # holes: every chunk of the range
+    expected[3, 0, 1] = -1  # the Inf lies in unit 1, in the first chunk only
+    assert torch.equal(marks, expected), marks
+
+
+def test_kernel_row_forms(monkeypatch):
+    """Without a mask the fast kernel reads rows "all" (no range test a tile) only where T
+    and the split are multiples of 16, else by the span of the range; both equal the
+    reference."""
+    import avss_fast.kernels.layer_moments as lm
+
+    seen = []
+    real = lm._layer_moments_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs["ROWS"])
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(lm, "_layer_moments_kernel", Spy())
+    for T, tiles, rows in ((32, (8, 32, 1, 2), "all"), (37, (8, 32, 1, 2), "span"), (48, (8, 32, 1, 2), "span")):
+        h = _activations((2, T, 40), torch.float32, seed=28)
+        seen.clear()
+        assert_moments_close(_triton_moments(h, tiles=tiles), reference.layer_moments(h), rtol=2e-5, atol=1e-7)
+        assert seen == [rows], (T, tiles)
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf", "overflow"])
