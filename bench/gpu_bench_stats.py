@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_common import setup  # noqa: E402
+from gpu_common import padding_masks, setup  # noqa: E402
 
 
 def main() -> int:
@@ -46,24 +46,18 @@ def main() -> int:
     for dt in (torch.bfloat16, torch.float32):
         h = torch.randn(B, T, D, device=dev, dtype=dt)
         h2 = torch.randn(B, T, D, device=dev, dtype=dt)
-        mask = torch.ones(B, T, device=dev, dtype=torch.long)
-        mask[0, T // 2:] = 0
-        # right padding of a batch of mixed lengths (T/2 to T tokens): GB/s of the valid rows
-        g = torch.Generator().manual_seed(0)
-        lengths = torch.randint(T // 2, T + 1, (B,), generator=g).to(dev)
-        ragged = (torch.arange(T, device=dev)[None, :] < lengths[:, None]).long()
-        holes = torch.ones(B, T, device=dev, dtype=torch.long)
-        holes[:, ::7] = 0  # a hole every 7 tokens: every range goes to the second launch's mask pass
+        masks = padding_masks(torch, B, T, dev)
+        mask, ragged, holes = masks["light"], masks["ragged"], masks["holes"]
         nbytes = h.numel() * h.element_size()
         h_odd = h[:, : T - 6]  # T not a multiple of 16: the span form's loop without a mask
         for cname, fn, nb in (
-            ("layer_moments_T-6", lambda: ops.layer_moments(h_odd), nbytes * (T - 6) // T),
-            ("layer_moments_holes_valid_bytes", lambda: ops.layer_moments(h, holes),
-             int(holes.sum()) * D * h.element_size()),
             ("layer_moments", lambda: ops.layer_moments(h), nbytes),
             ("layer_moments_mask", lambda: ops.layer_moments(h, mask), nbytes),
             ("layer_moments_ragged_valid_bytes", lambda: ops.layer_moments(h, ragged),
              int(ragged.sum()) * D * h.element_size()),
+            ("layer_moments_T-6", lambda: ops.layer_moments(h_odd), nbytes * (T - 6) // T),
+            ("layer_moments_holes_valid_bytes", lambda: ops.layer_moments(h, holes),
+             int(holes.sum()) * D * h.element_size()),
             ("layer_moments_rel_mask", lambda: ops.layer_moments(h, mask, sparsity_rel=0.01), nbytes),
             ("layer_moments_rel", lambda: ops.layer_moments(h, sparsity_rel=0.01), nbytes),
             ("block_similarity", lambda: ops.block_similarity(h, h2, mask), 2 * nbytes),

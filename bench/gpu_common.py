@@ -33,3 +33,17 @@ def setup(description: str, extra=None) -> argparse.Namespace:
         sys.modules["avss_fast.kernels"] = mod
         spec.loader.exec_module(mod)
     return args
+
+
+def padding_masks(torch, B: int, T: int, dev) -> dict:
+    """The padding masks the stats benchmarks time ([B, T] int64, 1 = valid): ``light``, one
+    sample of B half padded; ``ragged``, right padding of mixed lengths T/2..T (seeded);
+    ``holes``, a hole every 7 tokens (every range through the second launch's mask pass)."""
+    light = torch.ones(B, T, device=dev, dtype=torch.long)
+    light[0, T // 2:] = 0
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(T // 2, T + 1, (B,), generator=g).to(dev)
+    ragged = (torch.arange(T, device=dev)[None, :] < lengths[:, None]).long()
+    holes = torch.ones(B, T, device=dev, dtype=torch.long)
+    holes[:, ::7] = 0
+    return dict(light=light, ragged=ragged, holes=holes)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_common import setup  # noqa: E402
+from gpu_common import padding_masks, setup  # noqa: E402
 
 
 def _load_baseline(path: str):
@@ -43,13 +43,8 @@ def _load_baseline(path: str):
 def _cases(torch, B, T, D, dt, dev):
     """(name, activation, mask, relative threshold, bytes counted) of each case."""
     h = torch.randn(B, T, D, device=dev, dtype=dt)
-    light = torch.ones(B, T, device=dev, dtype=torch.long)
-    light[0, T // 2:] = 0
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(T // 2, T + 1, (B,), generator=g).to(dev)
-    ragged = (torch.arange(T, device=dev)[None, :] < lengths[:, None]).long()
-    holes = torch.ones(B, T, device=dev, dtype=torch.long)
-    holes[:, ::7] = 0
+    masks = padding_masks(torch, B, T, dev)
+    light, ragged, holes = masks["light"], masks["ragged"], masks["holes"]
     row = D * h.element_size()
     full = B * T * row
     return [
