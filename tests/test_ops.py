@@ -396,7 +396,19 @@ def test_kernel_padding_spans_and_holes(monkeypatch, dtype):
             return lambda *args, **kwargs: None
 
     monkeypatch.setattr(lm, "_layer_moments_exact_kernel", Off())
-    marks = lm.layer_moments_partials(h, mask, 1e-5, None, tiles=tiles)["cnt"][..., 1]  # [B, C, S]
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):  # buffers start as NaN: every slot read must be written
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    parts = lm.layer_moments_partials(h, mask, 1e-5, None, tiles=tiles)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    rowpart = parts["rowpart"].view(4, T, -1, 3)  # (count, mean, M2) of each row in each chunk
+    assert (rowpart[mask == 0] == 0).all()  # padding stored as empty rows, also in ranges left to the mask pass
+    assert (rowpart[:2][mask[:2] != 0][..., 0] > 0).all()  # the valid rows of the spans were read
+    marks = parts["cnt"][..., 1]  # [B, C, S]
     expected = torch.zeros(4, 2, 3, dtype=torch.int32)  # [B, hidden chunks of 32, splits]
     expected[2, :, 0] = expected[2, :, 2] = -2  # holes: every chunk of the range
     expected[3, 0, 1] = -1  # the Inf lies in unit 1, in the first chunk only
