@@ -36,8 +36,10 @@ def _act(shape, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(5, 123, 123), (2, 300, 4096), (3, 17, 4097), (1, 1, 5)])
+@pytest.mark.parametrize("shape", [(5, 123, 123), (2, 300, 4096), (3, 17, 4097), (1, 1, 5), (3, 256, 1024)])
 def test_layer_moments_cuda_matches_reference(dtype, shape):
+    """With a padding mask (the span form) and without one ("all" rows where T is a multiple
+    of 16, else the span form), a NaN through the exact pass."""
     h = _act(shape, dtype)
     mask = torch.ones(shape[:2], dtype=torch.long)
     mask[0, shape[1] // 3 :] = 0
@@ -46,6 +48,7 @@ def test_layer_moments_cuda_matches_reference(dtype, shape):
     got = ops.layer_moments(h.cuda(), mask.cuda())
     assert got.device.type == "cuda"
     assert_moments_close(got.to("cpu"), reference.layer_moments(h, mask), rtol=2e-5, atol=1e-6)
+    assert_moments_close(ops.layer_moments(h.cuda()).to("cpu"), reference.layer_moments(h), rtol=2e-5, atol=1e-6)
     rel = ops.layer_moments(h.cuda(), mask.cuda(), sparsity_rel=0.05)
     assert rel.raw()["near_zero"] == reference.layer_moments(h, mask, sparsity_rel=0.05).raw()["near_zero"]
 
