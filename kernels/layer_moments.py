@@ -30,10 +30,12 @@ Four launches, none of which waits on the host:
    Finite values whose squared deviations pass fp32's range (|h| > ~1e19) are marked too
    and give Inf in the exact pass as well: the kernels compute in fp32 whatever the input
    dtype (column sums that overflow, |h| ~ 1e38, are not marked and give Inf in the sums,
-   as the torch path does). The same limit holds for the relative threshold's
-   ``sum h^2``: a row whose squares overflow (|h| > ~1e19) gets an infinite threshold
-   (every value counts as near zero) and one whose squares underflow (|h| < ~1e-19) a
-   zero threshold, in the kernels and the CPU path alike (the float64 reference does not).
+   as the torch path does). The same fp32 range holds for the relative threshold's rms:
+   with whole-row tiles it comes from the row's moments, ``M2 / n + mean^2``, so a row
+   whose mean or spread passes ~1e19 gets an infinite threshold (every value counts as
+   near zero) and one of values below ~1e-19 a zero threshold; the row pre-pass of wider
+   rows sums ``h^2``, which overflows already where the values do (|h| > ~1e19). The CPU
+   path takes the rms in float64 from the moments, as the reference does.
 
 2. ``_layer_moments_exact_kernel``, the same grid: a marked program redoes its range and
    overwrites its slots; every other program reads its mark and ends. A range with holes
@@ -123,14 +125,18 @@ def _store_program(colsum_ptr, colcnt_ptr, cnt_ptr, b, dc, sp, n_dc, n_sp, D, of
 
 
 @triton.jit
-def _row_threshold(thr_ptr, b, T, offs_t, in_t, xz, n, eps, USE_THR: tl.constexpr, ROW_THR: tl.constexpr):
-    """The near-zero threshold of each row of a tile: ``eps``; or, with a relative threshold,
-    ``eps * sqrt(sum h^2 / n)`` (``eps`` holds the factor ``rel``) over the tile's ``n`` values
-    of each row (a vector, or one count for every row; ``xz`` is 0 elsewhere) when the tile
-    holds whole rows (ROW_THR), else the pre-pass's ``thr[b, t]``."""
+def _row_threshold(thr_ptr, b, T, offs_t, in_t, m2, mean, n, eps, USE_THR: tl.constexpr, ROW_THR: tl.constexpr):
+    """The near-zero threshold of each row of a tile: ``eps``; or, with a relative threshold
+    (``eps`` holds the factor ``rel``), the pre-pass's ``thr[b, t]``, or, when the tile holds
+    whole rows (ROW_THR), ``rel * rms`` from the row's moments over its ``n`` values,
+    ``sum h^2 / n = M2 / n + mean^2`` (two terms >= 0, no cancellation; a third reduction,
+    of h^2, across the row cost sm_90 bf16 [2 x 4096] 16.1 against 13.7 instructions a
+    value and 119 against 92 registers). The fast and the exact pass take the same form,
+    so a row's count does not depend on whether a NaN elsewhere sent its range through the
+    exact pass."""
     if USE_THR:
         if ROW_THR:
-            thr = eps * tl.sqrt(tl.sum(xz * xz, axis=1) / tl.maximum(n, 1.0))
+            thr = eps * tl.sqrt(m2 / tl.maximum(n, 1.0) + mean * mean)
         else:
             thr = tl.load(thr_ptr + b * T + offs_t, mask=in_t, other=0.0)
     else:
@@ -183,11 +189,12 @@ def _exact_pass(
         n = n_i.to(tl.float32)
         mean = tl.sum(xz, axis=1) / tl.maximum(n, 1.0)
         dev = tl.where(v, x - mean[:, None], 0.0)
+        m2 = tl.sum(dev * dev, axis=1)
         rp = rowpart_ptr + ((b * T + offs_t) * n_dc + dc) * 3
         tl.store(rp, n, mask=in_t)
         tl.store(rp + 1, mean, mask=in_t)
-        tl.store(rp + 2, tl.sum(dev * dev, axis=1), mask=in_t)
-        thr = tl.zeros_like(n) + _row_threshold(thr_ptr, b, T, offs_t, in_t, xz, n, eps, USE_THR, ROW_THR)
+        tl.store(rp + 2, m2, mask=in_t)
+        thr = tl.zeros_like(n) + _row_threshold(thr_ptr, b, T, offs_t, in_t, m2, mean, n, eps, USE_THR, ROW_THR)
         nz_acc = _col_add(nz_acc, (v & (tl.abs(x) < thr[:, None])).to(tl.int32), ROWS_IN_THREAD)
         n_bad += tl.sum(ok.to(tl.int32), axis=1) - n_i
     return (_col_total(col_acc, ROWS_IN_THREAD), _col_total(col_cnt, ROWS_IN_THREAD),
@@ -233,10 +240,10 @@ def _tile(
             x = tl.load(row_ptr[:, None] + offs_d[None, :], mask=row_ok[:, None] & in_d[None, :], other=0.0)
     x = x.to(tl.float32)
     # the column sums and near-zero counts first: x is dead once dev is formed, so dev can
-    # take its registers
+    # take its registers (ROW_THR: x stays live until the threshold from the row's moments)
     col_acc = _col_add(col_acc, x, ROWS_IN_THREAD)
     if not ROW_THR:
-        thr = _row_threshold(thr_ptr, b, T, offs_t, in_t, x, n_chunk, eps, USE_THR, False)
+        thr = _row_threshold(thr_ptr, b, T, offs_t, in_t, 0.0, 0.0, n_chunk, eps, USE_THR, False)
         nz_acc = _near_zero_add(nz_acc, x, thr, row_ok, in_d, EVEN_D, ROWS_IN_THREAD)
     n_rows += row_ok.to(tl.int32)
     # one divisor for every row (padding and tail rows are loaded as 0 and sum to 0):
@@ -247,11 +254,9 @@ def _tile(
         dev = tl.where(in_d[None, :], dev, 0.0)
     m2 = tl.sum(dev * dev, axis=1)
     if ROW_THR:
-        # the row's rms from its moments, sum h^2 / n = M2 / n + mean^2 (two terms >= 0:
-        # no cancellation), instead of a third reduction of h^2 across the row (sm_90:
-        # bf16 [2 x 4096] 16.1 -> 14.7 instructions a value, 119 -> 103 registers)
-        thr = eps * tl.sqrt(m2 / n_chunk + mean * mean)
-        nz_acc = _near_zero_add(nz_acc, dev + mean[:, None], thr, row_ok, in_d, EVEN_D, ROWS_IN_THREAD)
+        # the threshold after the M2 reduction (from the row's moments), x kept for the test
+        thr = _row_threshold(thr_ptr, b, T, offs_t, in_t, m2, mean, n_chunk, eps, True, True)
+        nz_acc = _near_zero_add(nz_acc, x, thr, row_ok, in_d, EVEN_D, ROWS_IN_THREAD)
     rp = rowpart_ptr + ((b * T + offs_t) * n_dc + dc) * 3
     tl.store(rp, tl.where(row_ok, n_chunk, 0.0), mask=in_t)
     tl.store(rp + 1, mean, mask=in_t)
@@ -360,7 +365,11 @@ def _layer_moments_kernel(
         # load in front of each tile's loads; a range with holes reads nothing here and is
         # marked -2 for the next launch, which reads it with its mask
         lo, hi, holes = valid_span(mask_ptr, b, t_begin, t_end, stride_mb, stride_mt, SPAN_BLOCK)
-        hi = tl.where(holes, lo, hi)
+        # nothing to read (holes, or no valid row): an empty span at the range's start, so
+        # that every tile is skipped
+        empty = holes | (lo >= hi)
+        lo = tl.where(empty, t_begin, lo)
+        hi = tl.where(empty, t_begin, hi)
     else:
         lo, hi = t_begin, t_end
     col_acc, nz_acc, n_rows, bad = _fast_pass(
@@ -661,10 +670,12 @@ def layer_moments_partials(
         num_warps, S = 1, 1
     else:
         BLOCK_T, BLOCK_D, num_warps, S = _gpu_layout(B, T, D, dev, hidden.element_size(), sparsity_rel is not None)
-    # on a GPU a multiple of 16 (Triton specialises integer arguments divisible by 16: see rows
-    # below); the interpreter keeps BLOCK_T, so that tests split short sequences many ways
-    step = BLOCK_T if dev.type == "cpu" else max(BLOCK_T, 16)
-    rows_per_split = triton.cdiv(triton.cdiv(T, S), step) * step
+    rows_per_split = triton.cdiv(triton.cdiv(T, S), BLOCK_T) * BLOCK_T
+    if dev.type != "cpu" and rows_per_split >= 128:
+        # a multiple of 16 on a GPU (Triton specialises integer arguments divisible by 16: see
+        # rows below), where that costs at most an eighth of the splits; the interpreter keeps
+        # BLOCK_T, so that tests split short sequences many ways
+        rows_per_split = triton.cdiv(rows_per_split, 16) * 16
     S = triton.cdiv(T, rows_per_split)
     C = triton.cdiv(D, BLOCK_D)
     row_thr = sparsity_rel is not None and C == 1
@@ -695,8 +706,8 @@ def layer_moments_partials(
     # otherwise the "span" form's branch between whole and partial tiles does that. A mask is
     # read SPAN_BLOCK values at a time for the span of the valid rows.
     rows = "all" if not has_mask and T % 16 == 0 and rows_per_split % 16 == 0 else "span"
-    _layer_moments_kernel[(B, C, S)](*args, ROWS=rows, SPAN_BLOCK=min(1024, triton.next_power_of_2(rows_per_split)),
-                                     **meta)
+    span_block = min(1024, triton.next_power_of_2(rows_per_split)) if has_mask else 1  # unused without a mask
+    _layer_moments_kernel[(B, C, S)](*args, ROWS=rows, SPAN_BLOCK=span_block, **meta)
     # the second launch reads a range with holes in its padding by its mask, a tile ahead
     # for 4-byte inputs only: with 2-byte inputs that cost registers (sm_90: 127 -> 159 at
     # 8 x 1024) and time (H100, bench/README.md)

@@ -36,10 +36,11 @@ def _act(shape, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(5, 123, 123), (2, 300, 4096), (3, 17, 4097), (1, 1, 5), (3, 256, 1024)])
+@pytest.mark.parametrize("shape", [(5, 123, 123), (2, 300, 4096), (3, 17, 4097), (1, 1, 5), (2, 2048, 4096)])
 def test_layer_moments_cuda_matches_reference(dtype, shape):
-    """With a padding mask (the span form) and without one ("all" rows where T is a multiple
-    of 16, else the span form), a NaN through the exact pass."""
+    """With a padding mask (the span form) and without one (the "all" form where T and the
+    split are multiples of 16, forced for T = 2048 by explicit tiles; else the span form), a
+    NaN through the exact pass."""
     h = _act(shape, dtype)
     mask = torch.ones(shape[:2], dtype=torch.long)
     mask[0, shape[1] // 3 :] = 0
@@ -49,6 +50,12 @@ def test_layer_moments_cuda_matches_reference(dtype, shape):
     assert got.device.type == "cuda"
     assert_moments_close(got.to("cpu"), reference.layer_moments(h, mask), rtol=2e-5, atol=1e-6)
     assert_moments_close(ops.layer_moments(h.cuda()).to("cpu"), reference.layer_moments(h), rtol=2e-5, atol=1e-6)
+    if shape[1] % 16 == 0:  # the "all" form whatever the GPU's SM count: splits of 512 rows
+        from avss_fast.kernels.layer_moments import layer_moments_packed
+        from avss_fast.stats import Moments
+
+        ints, flts = layer_moments_packed(h.cuda(), None, 1e-5, None, tiles=(8, 1024, 4, 4))
+        assert_moments_close(Moments._unpack(ints, flts).to("cpu"), reference.layer_moments(h), rtol=2e-5, atol=1e-6)
     rel = ops.layer_moments(h.cuda(), mask.cuda(), sparsity_rel=0.05)
     assert rel.raw()["near_zero"] == reference.layer_moments(h, mask, sparsity_rel=0.05).raw()["near_zero"]
 
@@ -117,9 +124,21 @@ def test_layer_moments_cuda_spans_and_holes(tiles, dtype, monkeypatch):
             return lambda *args, **kwargs: None
 
     monkeypatch.setattr(lm, "_layer_moments_exact_kernel", Off())
-    marks = lm.layer_moments_partials(h.cuda(), mask.cuda(), 1e-5, None, tiles=tiles)["cnt"][..., 1].cpu()
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):  # buffers start as NaN: every slot read must be written
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    parts = lm.layer_moments_partials(h.cuda(), mask.cuda(), 1e-5, None, tiles=tiles)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    marks = parts["cnt"][..., 1].cpu()
     assert (marks[2, :, 0] == -2).all()  # the hole at row 5 lies in the first split
     assert (marks[[0, 1, 3]] == 0).all() and (marks[2, :, 1:] == 0).all()
+    rowpart = parts["rowpart"].cpu().view(B, T, -1, 3)
+    assert (rowpart[mask == 0] == 0).all()  # padding stored as empty rows, skipped tiles too
+    assert (rowpart[[0, 1, 3]][mask[[0, 1, 3]] != 0][..., 0] > 0).all()  # every valid row of a span read
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

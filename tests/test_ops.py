@@ -342,6 +342,22 @@ def test_kernel_relative_threshold_reads_once_for_whole_rows(monkeypatch):
         assert got.raw()["near_zero"] == reference.layer_moments(h, sparsity_rel=0.05).raw()["near_zero"]
 
 
+def test_kernel_relative_threshold_from_moments_in_both_passes():
+    """Whole-row tiles take a row's rms from its moments (M2 / n + mean^2) in the fast and
+    in the exact pass alike: a row whose sum h^2 passes fp32's range (values ~2e18 with a
+    spread) keeps the reference's near-zero count, with or without a NaN elsewhere in its
+    program's range (which sends the range through the exact pass)."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(1, 4, 256, generator=g)
+    h[0, 0] = 2e18 + torch.arange(256) * 1e16  # sum h^2 ~ 1e39 overflows fp32; mean^2 ~ 5e36 does not
+    h_nan = h.clone()
+    h_nan[0, 3, 7] = float("nan")
+    for x in (h, h_nan):
+        ref = reference.layer_moments(x, sparsity_rel=0.5).raw()
+        got = _triton_moments(x, tiles=(4, 256, 1, 1), sparsity_rel=0.5).raw()
+        assert (got["near_zero"], got["nonfinite"]) == (ref["near_zero"], ref["nonfinite"])
+
+
 @pytest.mark.parametrize("itemsize", [2, 4])
 def test_gpu_whole_row_layouts(itemsize):
     """The GPU layout of the relative threshold's one read: one chunk holds the row, the
@@ -413,6 +429,40 @@ def test_kernel_padding_spans_and_holes(monkeypatch, dtype):
     expected[2, :, 0] = expected[2, :, 2] = -2  # holes: every chunk of the range
     expected[3, 0, 1] = -1  # the Inf lies in unit 1, in the first chunk only
     assert torch.equal(marks, expected), marks
+
+
+def test_kernel_skips_tiles_without_valid_rows(monkeypatch):
+    """The fast kernel does no tile work where nothing is to be read: a range with holes
+    (left to the second launch) and a sample with no valid row call no tile at all; a
+    right-padded range calls only its tiles that hold a valid row."""
+    import avss_fast.kernels.layer_moments as lm
+
+    calls = []
+    real = lm._tile
+
+    class Spy:  # the interpreter looks _tile up when the kernel runs
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def __call__(self, *args, **kwargs):  # args[3], args[7]: sample b, first row t0
+            value = lambda t: int(t.handle.data.reshape(-1)[0]) if hasattr(t, "handle") else int(t)  # noqa: E731
+            calls.append((value(args[3]), value(args[7])))
+            return real(*args, **kwargs)
+
+    class Off:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(lm, "_tile", Spy())
+    monkeypatch.setattr(lm, "_layer_moments_exact_kernel", Off())
+    h = _activations((3, 14, 16), torch.float32, seed=29)
+    mask = torch.ones(3, 14, dtype=torch.long)
+    mask[0, :6] = 0
+    mask[0, 9] = 0  # holes: first valid row 6, inside the tile [4, 8)
+    mask[1] = 0  # no valid row
+    mask[2, 5:] = 0  # right padding: tiles [0, 4) and [4, 8) hold valid rows, [8, 12) and [12, 14) do not
+    lm.layer_moments_partials(h, mask, 1e-5, None, tiles=(4, 16, 1, 1))
+    assert sorted(calls) == [(2, 0), (2, 4)], calls
 
 
 def test_kernel_row_forms(monkeypatch):
