@@ -402,13 +402,16 @@ def _layer_moments_exact_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ROWS_IN_THREAD: tl.constexpr,
+    EXACT_BLOCK_T: tl.constexpr,
 ):
     """Same grid as ``_layer_moments_kernel``: a program whose range the fast kernel marked
     redoes it and overwrites its slots, the others only read the mark.
 
     * -2 (padding with holes in the range): the fast pass with each tile's mask, then, if
       that finds a non-finite row, the exact pass;
-    * -1 (a non-finite row): the exact pass, every value tested.
+    * -1 (a non-finite row): the exact pass, every value tested, in tiles of EXACT_BLOCK_T
+      rows (a quarter of the fast pass's, so that its registers do not set those of the
+      mask pass in the same launch).
 
     A launch of its own so that neither the exact pass's registers (three more tile-sized
     live values) nor the mask loads set the fast kernel's register count: offline sm_90
@@ -434,7 +437,7 @@ def _layer_moments_exact_kernel(
         col_sum, col_cnt, nz, nonfinite = _exact_pass(
             x_ptr, mask_ptr, thr_ptr, rowpart_ptr, b, dc, n_dc, T, t_begin, t_end, offs_d, in_d,
             stride_xb, stride_xt, stride_mb, stride_mt, eps,
-            HAS_MASK, USE_THR, ROW_THR, BLOCK_T, BLOCK_D, ROWS_IN_THREAD,
+            HAS_MASK, USE_THR, ROW_THR, EXACT_BLOCK_T, BLOCK_D, ROWS_IN_THREAD,
         )
         _store_program(colsum_ptr, colcnt_ptr, cnt_ptr, b, dc, sp, n_dc, n_sp, D, offs_d, in_d,
                        col_sum, col_cnt, nz, nonfinite)
@@ -711,7 +714,10 @@ def layer_moments_partials(
     # the second launch reads a range with holes in its padding by its mask, a tile ahead
     # for 4-byte inputs only: with 2-byte inputs that cost registers (sm_90: 127 -> 159 at
     # 8 x 1024) and time (H100, bench/README.md)
-    meta.update(PREFETCH_MASK=hidden.element_size() >= 4)
+    # and its exact pass in tiles of a quarter of the rows: at the fast pass's tiles it set
+    # the launch's registers (sm_90 bf16 [8 x 1024]: 255 and a 40-byte spill, against 126 at
+    # [2 x 1024]; fp32 [4 x 1024] 186 against 96 at [1 x 1024]) for the mask pass too
+    meta.update(PREFETCH_MASK=hidden.element_size() >= 4, EXACT_BLOCK_T=max(1, BLOCK_T // 4))
     _layer_moments_exact_kernel[(B, C, S)](*args, **meta)  # the same grid: redoes only marked ranges
     return dict(colsum=colsum, colcnt=colcnt, rowpart=rowpart, cnt=cnt)
 
