@@ -50,6 +50,11 @@ SIGNATURE = {
     "EVEN_D": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr", "ROWS_IN_THREAD": "constexpr",
     "ROWS": "constexpr", "SPAN_BLOCK": "constexpr",
 }
+SECOND_SIGNATURE = {  # _layer_moments_exact_kernel's parameters, in order
+    **{k: v for k, v in SIGNATURE.items() if k in list(SIGNATURE)[: list(SIGNATURE).index("EVEN_D")]},
+    "PREFETCH_MASK": "constexpr", "EVEN_D": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr",
+    "ROWS_IN_THREAD": "constexpr", "EXACT_BLOCK_T": "constexpr",
+}
 DIVISIBLE = ("x_ptr", "mask_ptr", "thr_ptr", "colsum_ptr", "colcnt_ptr", "rowpart_ptr", "cnt_ptr", "T", "D",
              "rows_per_split", "stride_xb", "stride_xt", "stride_mb")
 _INSTR = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s*(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
@@ -58,29 +63,33 @@ _BRANCH = re.compile(r"BRA\s+`\((\.L_x_\d+)\)")
 
 
 def compile_sass(dtype: str, block_t: int, block_d: int, warps: int, arch: int, mask: bool = False,
-                 threshold: str = "abs", ragged_t: bool = False) -> tuple[str, int, int]:
+                 threshold: str = "abs", ragged_t: bool = False, second: bool = False) -> tuple[str, int, int]:
     """(SASS text, registers per thread, stack bytes per thread) of one layout; ``mask``: with
     a padding mask; ``threshold``: "abs" (eps), "rel" (whole-row tiles, in-kernel rms) or
     "rel-prepass" (the pre-pass's thresholds); ``ragged_t``: T and the split not multiples
-    of 16 (rows read by the span form, as a launch decides)."""
+    of 16 (rows read by the span form, as a launch decides); ``second``: the second launch
+    (``_layer_moments_exact_kernel``: with a mask, the mask pass of ranges with holes)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels.layer_moments import _layer_moments_kernel
+    from kernels.layer_moments import _layer_moments_exact_kernel, _layer_moments_kernel
 
-    sig = dict(SIGNATURE, x_ptr=f"*{dtype}")
+    sig = dict(SECOND_SIGNATURE if second else SIGNATURE, x_ptr=f"*{dtype}")
     names = list(sig)
     itemsize = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
     # as layer_moments_partials decides; stride_mt = 1: a contiguous mask (Triton specialises
     # integer arguments equal to 1)
     consts = {"stride_mt": 1, "HAS_MASK": mask, "USE_THR": threshold != "abs", "ROW_THR": threshold == "rel",
               "EVEN_D": True, "BLOCK_T": block_t, "BLOCK_D": block_d,
-              "ROWS_IN_THREAD": block_d >= 32 * warps * (16 // itemsize),
-              "ROWS": "span" if mask or ragged_t else "all", "SPAN_BLOCK": 512}
+              "ROWS_IN_THREAD": block_d >= 32 * warps * (16 // itemsize)}
+    if second:
+        consts.update(PREFETCH_MASK=itemsize >= 4, EXACT_BLOCK_T=max(1, block_t // 4))
+    else:
+        consts.update(ROWS="span" if mask or ragged_t else "all", SPAN_BLOCK=512)
     divisible = [a for a in DIVISIBLE if not (ragged_t and a in ("T", "rows_per_split"))]
     src = ASTSource(
-        fn=_layer_moments_kernel, signature=sig,
+        fn=_layer_moments_exact_kernel if second else _layer_moments_kernel, signature=sig,
         constexprs={(names.index(k),): v for k, v in consts.items()},
         attrs={(names.index(a),): [["tt.divisibility", 16]] for a in divisible},
     )
@@ -131,6 +140,8 @@ def main() -> int:
                          "BLOCK_D >= 4096 only), relative from the pre-pass")
     ap.add_argument("--ragged-t", action="store_true",
                     help="T and the split not multiples of 16 (the span form's loop, as a launch takes it)")
+    ap.add_argument("--second", action="store_true",
+                    help="the second launch (with --mask: the mask pass of ranges with holes; its largest loop)")
     ap.add_argument("--json", help="write the rows here too")
     args = ap.parse_args()
     rows = []
@@ -148,7 +159,7 @@ def main() -> int:
                 continue  # a real launch takes the in-kernel threshold only when a chunk holds whole rows
             try:
                 sass, regs, stack = compile_sass(dtype, block_t, block_d, warps, args.arch, args.mask, args.threshold,
-                                                 args.ragged_t)
+                                                 args.ragged_t, args.second)
                 ops, loads = hot_loop(sass)
             except Exception as e:  # noqa: BLE001 - a layout that does not compile is reported, not fatal
                 print(f"{dtype:>5} {block_t:>3} {block_d:>5} {warps:>5}  failed: {type(e).__name__}: {str(e)[:80]}")
