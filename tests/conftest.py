@@ -59,3 +59,27 @@ def assert_moments_close(got, ref, *, rtol=1e-5, atol=1e-6, fields=None):
             assert g[k] == r[k], f"{k}: got {g[k]}, expected {r[k]}"
         else:
             assert_close_verbose(g[k], r[k], rtol=rtol, atol=atol, what=k)
+
+
+def layer_moments_fast_kernel_only(monkeypatch):
+    """Switch off layer_moments' second launch (the mask pass of ranges with holes and the
+    exact pass), so that a test sees the fast kernel's partials and marks as it left them."""
+    import avss_fast.kernels.layer_moments as lm
+
+    class Off:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(lm, "_layer_moments_exact_kernel", Off())
+
+
+def nan_filled_empty(monkeypatch):
+    """Make ``torch.empty`` fill floating buffers with NaN (until ``monkeypatch.undo()`` or
+    the test's end): a slot that a kernel should write and does not shows up."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", empty)

@@ -11,7 +11,7 @@ kernels under the interpreter.
 
 import pytest
 import torch
-from conftest import assert_close_verbose, assert_moments_close
+from conftest import assert_close_verbose, assert_moments_close, layer_moments_fast_kernel_only, nan_filled_empty
 
 from avss_fast import ops, reference
 
@@ -119,20 +119,10 @@ def test_layer_moments_cuda_spans_and_holes(tiles, dtype, monkeypatch):
     assert got.raw()["nonfinite"] == 1
     assert_moments_close(got, ref, rtol=2e-5, atol=1e-6)
 
-    class Off:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: None
-
-    monkeypatch.setattr(lm, "_layer_moments_exact_kernel", Off())
-    real_empty = torch.empty
-
-    def nan_empty(*args, **kwargs):  # buffers start as NaN: every slot read must be written
-        out = real_empty(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
+    layer_moments_fast_kernel_only(monkeypatch)  # the fast kernel's marks stay
+    nan_filled_empty(monkeypatch)  # every slot read must be written
     parts = lm.layer_moments_partials(h.cuda(), mask.cuda(), 1e-5, None, tiles=tiles)
-    monkeypatch.setattr(torch, "empty", real_empty)
+    monkeypatch.undo()
     marks = parts["cnt"][..., 1].cpu()
     assert (marks[2, :, 0] == -2).all()  # the hole at row 5 lies in the first split
     assert (marks[[0, 1, 3]] == 0).all() and (marks[2, :, 1:] == 0).all()

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close_verbose, assert_moments_close
+from conftest import assert_close_verbose, assert_moments_close, layer_moments_fast_kernel_only, nan_filled_empty
 
 from avss_fast import ops, reference
 from avss_fast.stats import Moments
@@ -407,20 +407,10 @@ def test_kernel_padding_spans_and_holes(monkeypatch, dtype):
     assert got.raw()["nonfinite"] == 2
     assert_moments_close(got, ref, rtol=2e-5, atol=1e-7)
 
-    class Off:  # the second launch does nothing: the fast kernel's marks stay
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: None
-
-    monkeypatch.setattr(lm, "_layer_moments_exact_kernel", Off())
-    real_empty = torch.empty
-
-    def nan_empty(*args, **kwargs):  # buffers start as NaN: every slot read must be written
-        out = real_empty(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
+    layer_moments_fast_kernel_only(monkeypatch)  # the fast kernel's marks stay
+    nan_filled_empty(monkeypatch)  # every slot read must be written
     parts = lm.layer_moments_partials(h, mask, 1e-5, None, tiles=tiles)
-    monkeypatch.setattr(torch, "empty", real_empty)
+    monkeypatch.undo()
     rowpart = parts["rowpart"].view(4, T, -1, 3)  # (count, mean, M2) of each row in each chunk
     assert (rowpart[mask == 0] == 0).all()  # padding stored as empty rows, also in ranges left to the mask pass
     assert (rowpart[:2][mask[:2] != 0][..., 0] > 0).all()  # the valid rows of the spans were read
@@ -449,12 +439,8 @@ def test_kernel_skips_tiles_without_valid_rows(monkeypatch):
             calls.append((value(args[3]), value(args[7])))
             return real(*args, **kwargs)
 
-    class Off:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: None
-
     monkeypatch.setattr(lm, "_tile", Spy())
-    monkeypatch.setattr(lm, "_layer_moments_exact_kernel", Off())
+    layer_moments_fast_kernel_only(monkeypatch)
     h = _activations((3, 14, 16), torch.float32, seed=29)
     mask = torch.ones(3, 14, dtype=torch.long)
     mask[0, :6] = 0
