@@ -106,18 +106,23 @@ def compile_sass(dtype: str, block_t: int, block_d: int, warps: int, arch: int, 
 
 
 def hot_loop(sass: str) -> tuple[dict[str, int], list[int]]:
-    """Opcode counts of the largest loop (a backward branch to a label): the fast pass over
-    the tiles (with a mask, after the loop that reads the range's mask); and the positions of
-    its global loads in the loop's instructions."""
+    """Opcode counts of the largest loop: the fast pass over the tiles (with a mask, after
+    the loop that reads the range's mask); and the positions of its global loads in the
+    loop's instructions. A loop is a backward branch's range, merged with the ranges it
+    overlaps (ptxas may lay one loop out as two overlapping back edges)."""
     lines = sass.splitlines()
     labels = {m.group(1): i for i, ln in enumerate(lines) if (m := _LABEL.match(ln))}
-    best: tuple[int, int] | None = None
-    for i, ln in enumerate(lines):
-        m = _BRANCH.search(ln)
-        if m and labels.get(m.group(1), i) < i and (best is None or i - labels[m.group(1)] > best[1] - best[0]):
-            best = (labels[m.group(1)], i)
-    if best is None:
+    ranges = sorted((labels[m.group(1)], i) for i, ln in enumerate(lines)
+                    if (m := _BRANCH.search(ln)) and labels.get(m.group(1), i) < i)
+    loops: list[list[int]] = []
+    for start, end in ranges:
+        if loops and start <= loops[-1][1]:
+            loops[-1][1] = max(loops[-1][1], end)
+        else:
+            loops.append([start, end])
+    if not loops:
         raise RuntimeError("no loop found in the SASS")
+    best = max(loops, key=lambda r: r[1] - r[0])
     ops: dict[str, int] = {}
     loads = []
     for body in lines[best[0] : best[1] + 1]:
