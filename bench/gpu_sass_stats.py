@@ -86,7 +86,7 @@ def compile_sass(dtype: str, block_t: int, block_d: int, warps: int, arch: int, 
     if second:
         consts.update(PREFETCH_MASK=itemsize >= 4, EXACT_BLOCK_T=max(1, block_t // 4))
     else:
-        consts.update(ROWS="span" if mask or ragged_t else "all", SPAN_BLOCK=512)
+        consts.update(ROWS="span" if mask or ragged_t else "all", SPAN_BLOCK=512 if mask else 1)  # as a launch
     divisible = [a for a in DIVISIBLE if not (ragged_t and a in ("T", "rows_per_split"))]
     src = ASTSource(
         fn=_layer_moments_exact_kernel if second else _layer_moments_kernel, signature=sig,

@@ -43,7 +43,8 @@ Four launches, none of which waits on the host:
    is loaded while this one is read), then, if that finds a non-finite row, the exact
    pass; a non-finite range (-1) the exact masked pass (``_exact_pass``: every value
    tested with ``|x| <= FLT_MAX``, non-finite values counted and left out; otherwise the
-   same fp32 formulas in the same order). In the fast kernel's launch (the earlier form)
+   same fp32 formulas, reduced in tiles of a quarter of the rows, so the last bits of a
+   row's moments may differ from the fast pass's). In the fast kernel's launch (the earlier form)
    the exact pass set the register count of the whole kernel.
 
 3. ``_finish_kernel``, grid (token blocks + sample x unit blocks): Chan-merges each
@@ -63,7 +64,7 @@ The relative sparsity threshold (``|h| < rel * rms(h[b, t, :])``) needs each tok
 over all hidden units. When one chunk holds whole rows (``C = 1``; the GPU layout takes
 whole rows up to ``WHOLE_ROW_MAX`` units) the fast kernel computes it from the row's
 moments in registers, ``rms = sqrt(sum h^2 / D) = sqrt(M2 / D + mean^2)`` (ROW_THR; the
-near-zero test then follows the M2 reduction; the exact pass sums the squares of the
+near-zero test then follows the M2 reduction; the exact pass takes the moments of the
 finite values); wider rows take a row pre-pass (``_row_sumsq_kernel``) that reads the
 activation once more.
 """
@@ -132,8 +133,9 @@ def _row_threshold(thr_ptr, b, T, offs_t, in_t, m2, mean, n, eps, USE_THR: tl.co
     ``sum h^2 / n = M2 / n + mean^2`` (two terms >= 0, no cancellation; a third reduction,
     of h^2, across the row cost sm_90 bf16 [2 x 4096] 16.1 against 13.7 instructions a
     value and 119 against 92 registers). The fast and the exact pass take the same form,
-    so a row's count does not depend on whether a NaN elsewhere sent its range through the
-    exact pass."""
+    so whether a NaN elsewhere sent a row's range through the exact pass changes its count
+    only for values within rounding of the threshold (a form that overflowed where the
+    other did not changed whole rows)."""
     if USE_THR:
         if ROW_THR:
             thr = eps * tl.sqrt(m2 / tl.maximum(n, 1.0) + mean * mean)

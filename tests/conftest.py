@@ -74,12 +74,15 @@ def layer_moments_fast_kernel_only(monkeypatch):
 
 
 def nan_filled_empty(monkeypatch):
-    """Make ``torch.empty`` fill floating buffers with NaN (until ``monkeypatch.undo()`` or
-    the test's end): a slot that a kernel should write and does not shows up."""
+    """Make ``torch.empty`` fill floating buffers with NaN and integer ones with -12345
+    (until ``monkeypatch.undo()`` or the test's end): a slot that a kernel should write and
+    does not shows up."""
     real_empty = torch.empty
 
     def empty(*args, **kwargs):
         out = real_empty(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
+        if out.is_floating_point():
+            return out.fill_(float("nan"))
+        return out if out.dtype == torch.bool else out.fill_(-12345)
 
     monkeypatch.setattr(torch, "empty", empty)
