@@ -92,6 +92,16 @@ def _col_add(acc, tile, ROWS_IN_THREAD: tl.constexpr):
 
 
 @triton.jit
+def _col_zeros(BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, dtype: tl.constexpr, ROWS_IN_THREAD: tl.constexpr):
+    """A zero accumulator for :func:`_col_add`: [BLOCK_D] or [BLOCK_T, BLOCK_D]."""
+    if ROWS_IN_THREAD:
+        acc = tl.zeros([BLOCK_D], dtype=dtype)
+    else:
+        acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=dtype)
+    return acc
+
+
+@triton.jit
 def _col_total(acc, ROWS_IN_THREAD: tl.constexpr):
     """The [BLOCK_D] per-column totals of an accumulator from :func:`_col_add`."""
     if not ROWS_IN_THREAD:
@@ -123,6 +133,16 @@ def _store_program(colsum_ptr, colcnt_ptr, cnt_ptr, b, dc, sp, n_dc, n_sp, D, of
     c = cnt_ptr + ((b * n_dc + dc) * n_sp + sp) * 2
     tl.store(c, nz)
     tl.store(c + 1, nonfinite)
+
+
+@triton.jit
+def _store_fast_program(colsum_ptr, colcnt_ptr, cnt_ptr, b, dc, sp, n_dc, n_sp, D, offs_d, in_d,
+                        col_acc, nz_acc, n_rows, mark, BLOCK_D: tl.constexpr, ROWS_IN_THREAD: tl.constexpr):
+    """:func:`_store_program` of a fast pass's accumulators (:func:`_fast_pass`); ``mark``:
+    the non-finite slot (0, or a mark for the second launch)."""
+    _store_program(colsum_ptr, colcnt_ptr, cnt_ptr, b, dc, sp, n_dc, n_sp, D, offs_d, in_d,
+                   _col_total(col_acc, ROWS_IN_THREAD), tl.zeros([BLOCK_D], dtype=tl.int32) + tl.sum(n_rows, axis=0),
+                   tl.sum(_col_total(nz_acc, ROWS_IN_THREAD), axis=0), mark)
 
 
 @triton.jit
@@ -166,14 +186,9 @@ def _exact_pass(
 ):
     """The program's range again with every value tested: (column sums, column counts,
     near-zero count, non-finite count); rewrites the per-token chunk partials."""
-    if ROWS_IN_THREAD:
-        col_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        col_cnt = tl.zeros([BLOCK_D], dtype=tl.int32)
-        nz_acc = tl.zeros([BLOCK_D], dtype=tl.int32)
-    else:
-        col_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        col_cnt = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)
-        nz_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)
+    col_acc = _col_zeros(BLOCK_T, BLOCK_D, tl.float32, ROWS_IN_THREAD)
+    col_cnt = _col_zeros(BLOCK_T, BLOCK_D, tl.int32, ROWS_IN_THREAD)
+    nz_acc = _col_zeros(BLOCK_T, BLOCK_D, tl.int32, ROWS_IN_THREAD)
     n_bad = tl.zeros([BLOCK_T], dtype=tl.int32)
     for t0 in range(t_begin, t_end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
@@ -204,6 +219,24 @@ def _exact_pass(
 
 
 @triton.jit
+def _load_rows(row_ptr, offs_d, row_ok, in_d, ALL_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """The [BLOCK_T, BLOCK_D] tile of rows ``row_ptr`` and units ``offs_d``: rows not
+    ``row_ok`` (and units past D) as 0; ALL_ROWS: every row valid, loaded with no row
+    predicate."""
+    if ALL_ROWS:
+        if EVEN_D:
+            x = tl.load(row_ptr[:, None] + offs_d[None, :])
+        else:
+            x = tl.load(row_ptr[:, None] + offs_d[None, :], mask=in_d[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(row_ptr[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        else:
+            x = tl.load(row_ptr[:, None] + offs_d[None, :], mask=row_ok[:, None] & in_d[None, :], other=0.0)
+    return x
+
+
+@triton.jit
 def _tile(
     x_ptr, thr_ptr, rowpart_ptr, b, dc, n_dc, T, t0, offs_t, in_t, row_ok, lo, hi, offs_d, in_d, n_chunk,
     stride_xb, stride_xt, eps, col_acc, nz_acc, n_rows, bad,
@@ -224,22 +257,13 @@ def _tile(
     if SPAN:
         if (t0 >= lo) & (t0 + BLOCK_T <= hi):
             row_ok = in_t  # all true, as each row is inside the span
-            if EVEN_D:
-                x = tl.load(row_ptr[:, None] + offs_d[None, :])
-            else:
-                x = tl.load(row_ptr[:, None] + offs_d[None, :], mask=in_d[None, :], other=0.0)
+            x = _load_rows(row_ptr, offs_d, row_ok, in_d, True, EVEN_D)
         else:
             t32 = offs_t.to(tl.int32)
             row_ok = (t32 >= lo) & (t32 < hi)
-            if EVEN_D:
-                x = tl.load(row_ptr[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            else:
-                x = tl.load(row_ptr[:, None] + offs_d[None, :], mask=row_ok[:, None] & in_d[None, :], other=0.0)
+            x = _load_rows(row_ptr, offs_d, row_ok, in_d, False, EVEN_D)
     else:
-        if EVEN_D:
-            x = tl.load(row_ptr[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        else:
-            x = tl.load(row_ptr[:, None] + offs_d[None, :], mask=row_ok[:, None] & in_d[None, :], other=0.0)
+        x = _load_rows(row_ptr, offs_d, row_ok, in_d, False, EVEN_D)
     x = x.to(tl.float32)
     # the column sums and near-zero counts first: x is dead once dev is formed, so dev can
     # take its registers (ROW_THR: x stays live until the threshold from the row's moments)
@@ -279,7 +303,7 @@ def _store_empty_rows(rowpart_ptr, b, dc, n_dc, T, offs_t, in_t):
 
 @triton.jit
 def _fast_pass(
-    x_ptr, mask_ptr, thr_ptr, rowpart_ptr, b, dc, n_dc, T, t_begin, t_end, lo, hi, offs_d, in_d, n_chunk,
+    x_ptr, mask_ptr, thr_ptr, rowpart_ptr, b, dc, n_dc, T, D, t_begin, t_end, lo, hi, offs_d, in_d,
     stride_xb, stride_xt, stride_mb, stride_mt, eps,
     ROWS: tl.constexpr, PREFETCH_MASK: tl.constexpr, USE_THR: tl.constexpr, ROW_THR: tl.constexpr,
     EVEN_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ROWS_IN_THREAD: tl.constexpr,
@@ -304,14 +328,11 @@ def _fast_pass(
       that a tile's loads do not wait on a load of its mask; fp32 on an H100: 62% -> 94% of
       copy bandwidth, in bf16 slower than the dependent load, bench/README.md).
     """
-    if ROWS_IN_THREAD:
-        col_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        nz_acc = tl.zeros([BLOCK_D], dtype=tl.int32)
-    else:
-        col_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-        nz_acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)
+    col_acc = _col_zeros(BLOCK_T, BLOCK_D, tl.float32, ROWS_IN_THREAD)
+    nz_acc = _col_zeros(BLOCK_T, BLOCK_D, tl.int32, ROWS_IN_THREAD)
     n_rows = tl.zeros([BLOCK_T], dtype=tl.int32)
     bad = tl.zeros([BLOCK_T], dtype=tl.int32)
+    n_chunk = tl.minimum(D - dc * BLOCK_D, BLOCK_D).to(tl.float32)  # values per valid row in this chunk
     if ROWS == "mask" and PREFETCH_MASK:
         offs_t = t_begin + tl.arange(0, BLOCK_T)
         m = mask_values(mask_ptr, b, offs_t, offs_t < t_end, stride_mb, stride_mt, True)
@@ -360,7 +381,6 @@ def _layer_moments_kernel(
     SPAN_BLOCK: tl.constexpr,
 ):
     b, dc, sp, n_dc, n_sp, offs_d, in_d, t_begin, t_end = _program_range(T, D, rows_per_split, BLOCK_D)
-    n_chunk = tl.minimum(D - dc * BLOCK_D, BLOCK_D).to(tl.float32)  # values per valid row in this chunk
     if HAS_MASK:
         # the valid rows' span first (one read of the range's mask): a range whose padding
         # leaves no holes (right or left padding, or none) is read by its span with no mask
@@ -375,8 +395,8 @@ def _layer_moments_kernel(
     else:
         lo, hi = t_begin, t_end
     col_acc, nz_acc, n_rows, bad = _fast_pass(
-        x_ptr, mask_ptr, thr_ptr, rowpart_ptr, b, dc, n_dc, T, t_begin, t_end, lo.to(tl.int32), hi.to(tl.int32),
-        offs_d, in_d, n_chunk, stride_xb, stride_xt, stride_mb, stride_mt, eps,
+        x_ptr, mask_ptr, thr_ptr, rowpart_ptr, b, dc, n_dc, T, D, t_begin, t_end, lo.to(tl.int32), hi.to(tl.int32),
+        offs_d, in_d, stride_xb, stride_xt, stride_mb, stride_mt, eps,
         ROWS, False, USE_THR, ROW_THR, EVEN_D, BLOCK_T, BLOCK_D, ROWS_IN_THREAD,
     )
     # rare: a NaN/Inf (or an fp32 overflow) in this range; a non-finite count of -1 hands the
@@ -384,9 +404,8 @@ def _layer_moments_kernel(
     mark = -(tl.sum(bad, axis=0) > 0).to(tl.int32)
     if HAS_MASK:
         mark = tl.where(holes, -2, mark)
-    _store_program(colsum_ptr, colcnt_ptr, cnt_ptr, b, dc, sp, n_dc, n_sp, D, offs_d, in_d,
-                   _col_total(col_acc, ROWS_IN_THREAD), tl.zeros([BLOCK_D], dtype=tl.int32) + tl.sum(n_rows, axis=0),
-                   tl.sum(_col_total(nz_acc, ROWS_IN_THREAD), axis=0), mark)
+    _store_fast_program(colsum_ptr, colcnt_ptr, cnt_ptr, b, dc, sp, n_dc, n_sp, D, offs_d, in_d,
+                        col_acc, nz_acc, n_rows, mark, BLOCK_D, ROWS_IN_THREAD)
 
 
 @triton.jit
@@ -423,18 +442,15 @@ def _layer_moments_exact_kernel(
     mark = tl.load(cnt_ptr + ((b * n_dc + dc) * n_sp + sp) * 2 + 1)
     if HAS_MASK:
         if mark == -2:
-            n_chunk = tl.minimum(D - dc * BLOCK_D, BLOCK_D).to(tl.float32)
             col_acc, nz_acc, n_rows, bad = _fast_pass(
-                x_ptr, mask_ptr, thr_ptr, rowpart_ptr, b, dc, n_dc, T, t_begin, t_end, t_begin, t_end, offs_d,
-                in_d, n_chunk, stride_xb, stride_xt, stride_mb, stride_mt, eps,
+                x_ptr, mask_ptr, thr_ptr, rowpart_ptr, b, dc, n_dc, T, D, t_begin, t_end, t_begin, t_end, offs_d,
+                in_d, stride_xb, stride_xt, stride_mb, stride_mt, eps,
                 "mask", PREFETCH_MASK, USE_THR, ROW_THR, EVEN_D, BLOCK_T, BLOCK_D, ROWS_IN_THREAD,
             )
             mark = -(tl.sum(bad, axis=0) > 0).to(tl.int32)
             if mark == 0:
-                _store_program(colsum_ptr, colcnt_ptr, cnt_ptr, b, dc, sp, n_dc, n_sp, D, offs_d, in_d,
-                               _col_total(col_acc, ROWS_IN_THREAD),
-                               tl.zeros([BLOCK_D], dtype=tl.int32) + tl.sum(n_rows, axis=0),
-                               tl.sum(_col_total(nz_acc, ROWS_IN_THREAD), axis=0), 0)
+                _store_fast_program(colsum_ptr, colcnt_ptr, cnt_ptr, b, dc, sp, n_dc, n_sp, D, offs_d, in_d,
+                                    col_acc, nz_acc, n_rows, 0, BLOCK_D, ROWS_IN_THREAD)
     if mark < 0:
         col_sum, col_cnt, nz, nonfinite = _exact_pass(
             x_ptr, mask_ptr, thr_ptr, rowpart_ptr, b, dc, n_dc, T, t_begin, t_end, offs_d, in_d,
