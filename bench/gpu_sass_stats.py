@@ -42,19 +42,25 @@ def _layouts(spec: str | None):
     if not spec:
         return LAYOUTS
     return [tuple(int(x) for x in item.split("x")) for item in spec.split(",")]
-SIGNATURE = {
-    "x_ptr": None, "mask_ptr": "*i64", "thr_ptr": "*fp32", "colsum_ptr": "*fp32", "colcnt_ptr": "*i32",
+
+
+#: Types of the kernels' runtime arguments (``x_ptr`` takes the dtype asked for); every other
+#: parameter is a constexpr, and ``stride_mt`` = 1 too (Triton specialises an integer
+#: argument equal to 1: a contiguous mask).
+ARG_TYPES = {
+    "mask_ptr": "*i64", "thr_ptr": "*fp32", "colsum_ptr": "*fp32", "colcnt_ptr": "*i32",
     "rowpart_ptr": "*fp32", "cnt_ptr": "*i32", "T": "i32", "D": "i32", "rows_per_split": "i32",
-    "stride_xb": "i64", "stride_xt": "i64", "stride_mb": "i64", "stride_mt": "constexpr", "eps": "fp32",
-    "HAS_MASK": "constexpr", "USE_THR": "constexpr", "ROW_THR": "constexpr",
-    "EVEN_D": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr", "ROWS_IN_THREAD": "constexpr",
-    "ROWS": "constexpr", "SPAN_BLOCK": "constexpr",
+    "stride_xb": "i64", "stride_xt": "i64", "stride_mb": "i64", "eps": "fp32",
 }
-SECOND_SIGNATURE = {  # _layer_moments_exact_kernel's parameters, in order
-    **{k: v for k, v in SIGNATURE.items() if k in list(SIGNATURE)[: list(SIGNATURE).index("EVEN_D")]},
-    "PREFETCH_MASK": "constexpr", "EVEN_D": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr",
-    "ROWS_IN_THREAD": "constexpr", "EXACT_BLOCK_T": "constexpr",
-}
+
+
+def signature(kernel, dtype: str) -> dict[str, str]:
+    """The compile signature of ``kernel`` (a ``triton.jit`` function), its parameters in
+    order, read from the kernel itself so that it cannot drift from the launcher."""
+    return {p.name: "constexpr" if p.is_constexpr or p.name == "stride_mt"
+            else f"*{dtype}" if p.name == "x_ptr" else ARG_TYPES[p.name] for p in kernel.params}
+
+
 DIVISIBLE = ("x_ptr", "mask_ptr", "thr_ptr", "colsum_ptr", "colcnt_ptr", "rowpart_ptr", "cnt_ptr", "T", "D",
              "rows_per_split", "stride_xb", "stride_xt", "stride_mb")
 _INSTR = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s*(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
@@ -75,7 +81,8 @@ def compile_sass(dtype: str, block_t: int, block_d: int, warps: int, arch: int, 
 
     from kernels.layer_moments import _layer_moments_exact_kernel, _layer_moments_kernel
 
-    sig = dict(SECOND_SIGNATURE if second else SIGNATURE, x_ptr=f"*{dtype}")
+    kernel = _layer_moments_exact_kernel if second else _layer_moments_kernel
+    sig = signature(kernel, dtype)
     names = list(sig)
     itemsize = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
     # as layer_moments_partials decides; stride_mt = 1: a contiguous mask (Triton specialises
@@ -89,7 +96,7 @@ def compile_sass(dtype: str, block_t: int, block_d: int, warps: int, arch: int, 
         consts.update(ROWS="span" if mask or ragged_t else "all", SPAN_BLOCK=512 if mask else 1)  # as a launch
     divisible = [a for a in DIVISIBLE if not (ragged_t and a in ("T", "rows_per_split"))]
     src = ASTSource(
-        fn=_layer_moments_exact_kernel if second else _layer_moments_kernel, signature=sig,
+        fn=kernel, signature=sig,
         constexprs={(names.index(k),): v for k, v in consts.items()},
         attrs={(names.index(a),): [["tt.divisibility", 16]] for a in divisible},
     )
