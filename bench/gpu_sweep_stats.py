@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_common import setup  # noqa: E402
+from gpu_common import padding_masks, setup  # noqa: E402
 
 BUDGET_S = float(os.environ.get("AVSS_SWEEP_BUDGET_S", "140"))  # whole sweep; later configs are skipped (and said so)
 
@@ -57,9 +57,7 @@ def main() -> int:
         for case in cases:
             # "mask": right padding of samples of T/2..T tokens (GB/s still counts every row);
             # "rel": the relative threshold (whole-row tiles, BLOCK_D >= D, read once)
-            g = torch.Generator().manual_seed(0)
-            lengths = torch.randint(T // 2, T + 1, (B,), generator=g).to(dev)
-            mask = (torch.arange(T, device=dev)[None, :] < lengths[:, None]).long() if case == "mask" else None
+            mask = padding_masks(torch, B, T, dev)["ragged"] if case == "mask" else None
             rel = 0.01 if case == "rel" else None
             emit({"dtype": str(dt), "case": case, "torch_sum_read_ms": round(read_ms, 4),
                   "torch_sum_GBps": gbps(read_ms)})
