@@ -285,7 +285,8 @@ def _triton_moments(h, mask=None, *, tiles, sparsity_rel=None):
 def test_kernel_layouts_match_reference(tiles, dtype):
     """Several hidden chunks (one ragged), token splits and padding (a hole inside a tile),
     with tiles small enough that every program runs several tiles: the fast pass on finite
-    data, with the mask loaded a tile ahead (fp32) or with its tile (bf16). The relative
+    data, padded ranges read by the span of their valid rows and the range with the hole by
+    the second launch's mask pass (the mask a tile ahead in fp32, with its tile in bf16). The relative
     threshold from the pre-pass (several chunks) or in the one read (whole-row tiles, the
     last layout)."""
     h = _activations((3, 29, 70), dtype, seed=21)
