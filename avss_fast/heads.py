@@ -251,18 +251,29 @@ def shift_segment_starts(segment_starts, attention_mask: torch.Tensor) -> torch.
 
 def valid_query_rows(mask: torch.Tensor | None, B: int, Sq: int, Sk: int) -> torch.Tensor | None:
     """[B, Sq] bool: the query token of each row is real. A token always attends to itself
-    and a padding token's own key is masked out, so the mask's diagonal says which. The
-    diagonal sits at key ``i + offset``: ``offset = Sk - Sq`` with a dynamic cache, less with
-    a static one (Sk is the cache's length); it is read off the last query row's last allowed
-    key, on the device (no synchronisation)."""
+    and a padding token's own key is masked out, so the mask's diagonal says which.
+
+    The diagonal sits at key ``i + offset``, ``offset`` the number of cached tokens before
+    this call. ``Sq == Sk`` means no cache (``offset = 0``; also the only case of a
+    bidirectional encoder mask, where a padding row still sees every real key). Otherwise
+    (a cache: ``Sk = offset + Sq`` with a dynamic one, the whole cache's length with a
+    static one) the mask is causal, so row ``i`` sees no key past ``i + offset`` and a real
+    row sees exactly that one: ``offset = max_i (last key row i sees, in any sample) - i``,
+    which holds as long as one row of the batch is real in some sample (the last row alone
+    is not enough: right padding can make it padding in every sample). On the device, no
+    synchronisation."""
     if mask is None:
         return None
     if mask.dim() == 2:  # [B, Sk] key mask: one query row (decoding), real if it sees any key
         return mask.to(torch.bool).any(-1, keepdim=True).expand(B, Sq)
-    last_row = mask[:, 0, -1, :].to(torch.bool).any(0)  # [Sk]
-    last = (Sk - 1) - last_row.flip(-1).to(torch.int8).argmax()  # the last query row's own key
     rows = torch.arange(Sq, device=mask.device)
-    return mask[:, 0, rows, rows + (last - (Sq - 1))].to(torch.bool)
+    if Sq == Sk:
+        keys = rows
+    else:
+        seen = mask[:, 0].to(torch.bool).any(0)  # [Sq, Sk]: keys some sample's row i sees
+        last = (seen * torch.arange(1, Sk + 1, device=mask.device)).amax(-1) - 1  # [Sq], -1: none
+        keys = rows + (last - rows).amax()
+    return mask[:, 0, rows, keys].to(torch.bool).expand(B, Sq)
 
 
 class InterventionRun:

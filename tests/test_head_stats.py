@@ -81,14 +81,18 @@ def _check(report: HeadReport, expected, S):
             assert (got_v - exp_v).abs().max() < 2e-5, f"layer {layer} {name} var"
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_forward_with_padding_and_segments(family, stats_backend):
+@pytest.mark.parametrize("family,pad_all", [("llama", False), ("qwen2", False), ("llama", True)])
+def test_forward_with_padding_and_segments(family, pad_all, stats_backend):
+    """pad_all: every sample ends in padding (a batch padded to a fixed length), so no
+    sample's last row is real."""
     model = make_tiny(family, num_layers=2, heads=4, kv_heads=2, vocab=100)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 100, (3, 11), generator=g)
     am = torch.ones_like(ids)
     am[0, :4] = 0  # left padding
     am[2, 8:] = 0  # right padding
+    if pad_all:
+        am[:, 9:] = 0
     starts = [0, 3, 7]
     with torch.no_grad(), HeadScorer(model, segment_starts=starts) as scorer:
         model(input_ids=ids, attention_mask=am)
@@ -182,6 +186,55 @@ def test_intervene_reports_checked_and_fired_rows():
     with torch.no_grad(), intervene(model, never) as run2:
         model(input_ids=ids)
     assert run2.rule_report() == {(0, 1): {"checked": 2, "fired": 0}}
+
+
+def _causal_padded_mask(am: torch.Tensor, Sq: int, Sk: int, offset: int) -> torch.Tensor:
+    """[B, 1, Sq, Sk] bool as transformers builds it: query row i (position offset + i) sees
+    the real keys at positions <= offset + i; keys past the written cache are empty slots."""
+    B = am.shape[0]
+    pos = torch.arange(Sk)
+    written = torch.zeros(B, Sk, dtype=torch.bool)
+    written[:, : am.shape[1]] = am.bool()
+    causal = pos[None, :] <= (offset + torch.arange(Sq))[:, None]  # [Sq, Sk]
+    return (causal[None] & written[:, None, :])[:, None]
+
+
+@pytest.mark.parametrize("case", ["no_cache", "dynamic_chunk", "static_prefill", "static_chunk", "all_right_padded"])
+def test_valid_query_rows_finds_the_diagonal(case):
+    """The real query rows of a call, from the mask alone, with and without a cache, when
+    the last row is padding in every sample (right padding of the whole batch), and with
+    empty static-cache slots past the written keys."""
+    from avss_fast.heads import valid_query_rows
+
+    am = torch.ones(3, 12, dtype=torch.long)
+    am[0, :3] = 0  # left padding
+    am[1, 9:] = 0  # right padding
+    if case == "all_right_padded":
+        am[:, 10:] = 0
+    Sq, offset, Sk = {
+        "no_cache": (12, 0, 12), "all_right_padded": (12, 0, 12), "dynamic_chunk": (5, 7, 12),
+        "static_prefill": (12, 0, 20), "static_chunk": (5, 7, 20),
+    }[case]
+    mask = _causal_padded_mask(am, Sq, Sk, offset)
+    got = valid_query_rows(mask, 3, Sq, Sk)
+    assert torch.equal(got, am[:, offset: offset + Sq].bool())
+    if case == "static_chunk":  # and a chunk whose every last row is padding
+        am2 = am.clone()
+        am2[:, 10:] = 0
+        got = valid_query_rows(_causal_padded_mask(am2, Sq, Sk, offset), 3, Sq, Sk)
+        assert torch.equal(got, am2[:, offset: offset + Sq].bool())
+
+
+def test_valid_query_rows_bidirectional_mask():
+    """An encoder's mask (padding rows still see every real key) with every sample padded
+    at the end: the rows are the real tokens, not shifted."""
+    from avss_fast.heads import valid_query_rows
+
+    am = torch.ones(2, 6, dtype=torch.bool)
+    am[0, 4:] = False
+    am[1, 5:] = False
+    mask = am[:, None, None, :].expand(2, 1, 6, 6)
+    assert torch.equal(valid_query_rows(mask, 2, 6, 6), am)
 
 
 def test_static_cache_rows_and_intervention_segments():
