@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .heads import HeadIntervention, intervene, valid_query_rows
+from .models import model_device
 from .stats import chan_merge
 
 STATS = ("segment_mass", "entropy", "max_logit", "sink_mass")
@@ -144,19 +145,39 @@ class HeadScorer:
 
     def report(self, *, all_reduce: bool | None = None, model_name: str | None = None) -> "HeadReport":
         """The statistics so far (one host transfer). With ``torch.distributed`` initialised
-        (or ``all_reduce=True``), every rank's accumulators are merged first."""
+        (or ``all_reduce=True``), every rank's accumulators are merged first; every rank must
+        call it then, also a rank that saw no data (its layers and head counts are taken
+        from the others before the merge, so no rank waits on one that raised)."""
         import torch.distributed as dist
 
-        if not self._acc:
-            raise ValueError("HeadScorer saw no attention call: run the model inside the `with` block first")
-        layers = sorted(self._acc)
-        n = torch.stack([self._acc[i].n for i in layers])  # [L, Hq]
-        mean = torch.stack([self._acc[i].mean for i in layers])  # [L, Hq, K]
-        m2 = torch.stack([self._acc[i].m2 for i in layers])
+        no_data = ValueError("HeadScorer saw no attention call: run the model inside the `with` block first")
         if all_reduce is None:
             all_reduce = dist.is_available() and dist.is_initialized()
-        if all_reduce and dist.is_available() and dist.is_initialized():
+        all_reduce = all_reduce and dist.is_available() and dist.is_initialized()
+        acc = dict(self._acc)
+        if all_reduce:
             world = dist.get_world_size()
+            heads = [None] * world
+            dist.all_gather_object(heads, {layer: int(a.n.shape[0]) for layer, a in acc.items()})
+            union: dict[int, int] = {}
+            for rank_heads in heads:
+                for layer, hq in rank_heads.items():
+                    if union.setdefault(layer, hq) != hq:
+                        raise ValueError(f"layer {layer} has {union[layer]} heads on one rank and {hq} on another")
+            if not union:
+                raise no_data  # on every rank alike: no rank saw anything
+            K = max(sl.stop for sl in self._columns().values())
+            dev = next(iter(acc.values())).n.device if acc else model_device(self.model)
+            for layer, hq in union.items():
+                if layer not in acc:
+                    acc[layer] = _Running(hq, K, dev)  # this rank's empty share
+        if not acc:
+            raise no_data
+        layers = sorted(acc)
+        n = torch.stack([acc[i].n for i in layers])  # [L, Hq]
+        mean = torch.stack([acc[i].mean for i in layers])  # [L, Hq, K]
+        m2 = torch.stack([acc[i].m2 for i in layers])
+        if all_reduce:
             gathered = [[torch.empty_like(t) for _ in range(world)] for t in (n, mean, m2)]
             for out, t in zip(gathered, (n, mean, m2)):
                 dist.all_gather(out, t.contiguous())

@@ -235,6 +235,39 @@ def _head_worker(rank: int, port: int, out_dir: str) -> None:
     _in_rank(rank, port, out_dir, _head_work)
 
 
+def _head_work_rank0_only(rank: int) -> dict:
+    """Rank 1 runs no batch (an uneven split): its report must still join the merge."""
+    import torch
+
+    from avss_fast.head_stats import HeadScorer
+
+    model = head_model()
+    ids, am = head_batch()
+    with torch.no_grad(), HeadScorer(model, segment_starts=[0, 4]) as scorer:
+        if rank == 0:
+            model(input_ids=ids, attention_mask=am)
+    return scorer.report().to_dict()
+
+
+def _head_worker_rank0_only(rank: int, port: int, out_dir: str) -> None:
+    _in_rank(rank, port, out_dir, _head_work_rank0_only)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_head_scorer_merges_a_rank_without_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("AVSS_FAST_BACKEND", "torch")
+    from avss_fast.head_stats import HeadScorer
+
+    _run_ranks(str(tmp_path), _head_worker_rank0_only)
+    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert res[0] == res[1]
+    model = head_model()
+    ids, am = head_batch()
+    with torch.no_grad(), HeadScorer(model, segment_starts=[0, 4]) as scorer:
+        model(input_ids=ids, attention_mask=am)
+    assert res[0] == scorer.report(all_reduce=False).to_dict()  # merging an empty share is exact
+
+
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_head_scorer_merges_ranks(tmp_path, monkeypatch):
     monkeypatch.setenv("AVSS_FAST_BACKEND", "torch")
