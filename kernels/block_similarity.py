@@ -3,7 +3,9 @@
 For each token t (rows of the flattened [B*T, D] views) one pass over d accumulates,
 in fp32, ``dot = sum a_d b_d``, ``|a|^2`` and ``|b|^2`` and counts non-finite values.
 Epilogue: ``cos = dot / max(|a| |b|, eps)`` clamped to [-1, 1], and a status per row:
-1 = counted, 0 = padding, -1 = a NaN/Inf in either vector (skipped).
+1 = counted, 0 = padding, -1 = a NaN/Inf in either vector (skipped). A tile with a row of
+finite values whose squares overflow fp32 (|h| > ~1.8e19) is read once more with that row
+scaled by 2^-80 (a branch taken only then), as the CPU path redoes such rows in float64.
 
 The arccos and the float64 sums over rows (B*T values, tiny next to B*T*D) are done
 by the caller with device tensor ops, since Triton has no arccos without libdevice.
@@ -16,6 +18,34 @@ import triton
 import triton.language as tl
 
 from ._common import FLT_MAX, kernel_mask, row_tiles, valid_rows
+
+
+@triton.jit
+def _row_sums(a_base, b_base, row_ok, D, sa, sb, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+              SCALED: tl.constexpr):
+    """One pass over a tile's rows: ``dot = sum (sa a_d)(sb b_d)``, ``|sa a|^2``, ``|sb b|^2``
+    (fp32; non-finite values left out) and the count of non-finite values per row. With
+    SCALED the rows are multiplied by the per-row factors ``sa``, ``sb`` as they are read."""
+    dot = tl.zeros([BLOCK_T], dtype=tl.float32)
+    na = tl.zeros([BLOCK_T], dtype=tl.float32)
+    nb = tl.zeros([BLOCK_T], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_T], dtype=tl.int32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        ok = row_ok[:, None] & (offs_d[None, :] < D)
+        a = tl.load(a_base + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+        b = tl.load(b_base + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+        fin = (tl.abs(a) <= FLT_MAX) & (tl.abs(b) <= FLT_MAX)
+        bad += tl.sum((fin == 0).to(tl.int32), axis=1)
+        a = tl.where(fin, a, 0.0)
+        b = tl.where(fin, b, 0.0)
+        if SCALED:
+            a = a * sa[:, None]
+            b = b * sb[:, None]
+        dot += tl.sum(a * b, axis=1)
+        na += tl.sum(a * a, axis=1)
+        nb += tl.sum(b * b, axis=1)
+    return dot, na, nb, bad
 
 
 @triton.jit
@@ -35,22 +65,19 @@ def _block_similarity_kernel(
     row_ok = valid_rows(mask_ptr, pid_b, offs_t, in_t, stride_mb, stride_mt, HAS_MASK)
     a_base = a_ptr + pid_b * stride_ab + offs_t[:, None] * stride_at
     b_base = b_ptr + pid_b * stride_bb + offs_t[:, None] * stride_bt
-    dot = tl.zeros([BLOCK_T], dtype=tl.float32)
-    na = tl.zeros([BLOCK_T], dtype=tl.float32)
-    nb = tl.zeros([BLOCK_T], dtype=tl.float32)
-    bad = tl.zeros([BLOCK_T], dtype=tl.int32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        ok = row_ok[:, None] & (offs_d[None, :] < D)
-        a = tl.load(a_base + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
-        b = tl.load(b_base + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
-        fin = (tl.abs(a) <= FLT_MAX) & (tl.abs(b) <= FLT_MAX)
-        bad += tl.sum((fin == 0).to(tl.int32), axis=1)
-        a = tl.where(fin, a, 0.0)
-        b = tl.where(fin, b, 0.0)
-        dot += tl.sum(a * b, axis=1)
-        na += tl.sum(a * a, axis=1)
-        nb += tl.sum(b * b, axis=1)
+    one = tl.full([BLOCK_T], 1.0, dtype=tl.float32)
+    dot, na, nb, bad = _row_sums(a_base, b_base, row_ok, D, one, one, BLOCK_T, BLOCK_D, SCALED=False)
+    # Finite values whose fp32 squares overflow (|h| > ~1.8e19): the tile is read again
+    # with such a row scaled by 2^-80 (the cosine does not change with scale; squares of
+    # scaled values stay below ~7.9e28, and a row's norm this large makes the values the
+    # scale sends below fp32's range negligible).
+    big_a = na > FLT_MAX
+    big_b = nb > FLT_MAX
+    over = row_ok & (bad == 0) & (big_a | big_b)
+    if tl.max(over.to(tl.int32), axis=0) > 0:
+        sa = tl.where(big_a, 8.271806125530277e-25, 1.0)  # 2^-80
+        sb = tl.where(big_b, 8.271806125530277e-25, 1.0)
+        dot, na, nb, bad = _row_sums(a_base, b_base, row_ok, D, sa, sb, BLOCK_T, BLOCK_D, SCALED=True)
     denom = tl.maximum(tl.sqrt(na) * tl.sqrt(nb), eps)
     cos = tl.minimum(tl.maximum(dot / denom, -1.0), 1.0)
     status = tl.where(row_ok, tl.where(bad > 0, -1, 1), 0)

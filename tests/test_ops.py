@@ -205,6 +205,29 @@ def test_block_similarity_extremes(backend):
     assert s.mean_cos == pytest.approx(-1.0, abs=1e-6) and s.angular_distance == pytest.approx(1.0, abs=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_block_similarity_values_whose_squares_overflow_fp32(backend, dtype):
+    """Finite values past sqrt(FLT_MAX) (~1.8e19) in one or both vectors, beside ordinary
+    rows in the same tile: each row's cosine as in float64, nothing counted non-finite."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 5, 40, generator=g)
+    b = a + 0.3 * torch.randn(2, 5, 40, generator=g)
+    a[0, 1] *= 3e19  # |a|^2 overflows, b ordinary
+    b[0, 1] *= 2e-3
+    a[0, 3] *= 1e25  # both overflow
+    b[0, 3] *= -4e24
+    b[1, 2] *= 5e36  # only b, near the top of the range
+    a, b = a.to(dtype), b.to(dtype)
+    got = ops.block_similarity(a, b)
+    a64, b64 = a.double().flatten(0, 1), b.double().flatten(0, 1)
+    cos = torch.nn.functional.cosine_similarity(a64, b64, dim=-1)
+    assert got.raw()["tokens"] == 10 and got.raw()["nonfinite"] == 0
+    assert got.cos_sum == pytest.approx(float(cos.sum()), abs=1e-5)
+    assert got.angular_sum == pytest.approx(float((torch.arccos(cos.clamp(-1, 1)) / math.pi).sum()), abs=1e-3)
+    s = ops.block_similarity(a[:1, 3:4], a[:1, 3:4].clone())  # identical huge vectors: cos 1
+    assert s.mean_cos == pytest.approx(1.0, abs=1e-6)
+
+
 def test_float64_input(backend):
     h = torch.randn(2, 8, 16, dtype=torch.float64)
     assert_moments_close(ops.layer_moments(h), reference.layer_moments(h), rtol=1e-5)
