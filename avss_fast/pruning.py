@@ -28,8 +28,14 @@ renumbered to the block's new position (the KV cache is indexed by it), and the 
 gets the new layer count (``num_hidden_layers`` / ``n_layer`` / ``n_layers`` /
 ``num_layers``), its ``layer_types`` and every other per-layer list (any list attribute
 whose length is the old layer count, token-id lists excepted) keep the entries of the
-kept layers. ``save_pretrained`` then writes a checkpoint that plain
-``from_pretrained`` loads to the same logits.
+kept layers; lists of layer indices (a ``*_layers`` list of distinct indices, such as
+Qwen-MoE's ``mlp_only_layers``) are renumbered and a dense-prefix count
+(``first_k_dense_replace``) counts the kept layers below it. ``save_pretrained`` then
+writes a checkpoint that plain ``from_pretrained`` loads to the same logits. Before
+anything changes, the model's class is built from the updated config on the meta device
+and must have exactly the pruned model's parameters (names and shapes); a config that
+describes its layers some other way (a period such as ``decoder_sparse_step``) is
+refused with the differing names rather than saved as a different model.
 
 Retention (:func:`evaluate_retention`) compares the pruned model with the original on
 held-out data; the retention is a ratio to the unpruned model (1 = nothing lost):
@@ -95,6 +101,8 @@ TASKS = ("perplexity", "multiple_choice", "classification", "embedding")
 
 # Config attributes that name the number of blocks, tried in this order.
 _LAYER_COUNT_NAMES = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
+# Config integers counting a prefix of layers of another kind (DeepSeek's dense layers).
+_PREFIX_COUNT_NAMES = ("first_k_dense_replace",)
 # Config lists that are never per-layer, whatever their length.
 _NOT_PER_LAYER = frozenset({"architectures", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
                             "forced_decoder_ids"})
@@ -278,7 +286,11 @@ def _layer_count(cfg: Any) -> int | None:
 
 def _layer_config(model: nn.Module, n_old: int):
     """The config (the model's, or a nested text config) that declares ``n_old`` layers."""
-    cfg = getattr(model, "config", None)
+    return _layer_config_in(getattr(model, "config", None), n_old)
+
+
+def _layer_config_in(cfg: Any, n_old: int):
+    """The config among ``cfg`` and its nested configs that declares ``n_old`` layers."""
     if not _is_config(cfg):
         return None
     candidates = [cfg]
@@ -312,9 +324,26 @@ def _check_config(cfg: Any) -> None:
         )
 
 
+def _layer_index_list_names(cfg: Any, n_old: int) -> list[str]:
+    """Config attributes listing layer indices (``mlp_only_layers`` of Qwen-MoE, ``moe_layers``
+    ...): a name ending in ``_layers`` whose value is a list of distinct integers in
+    ``[0, n_old)``, not one entry per layer."""
+    names = []
+    for key, value in cfg.to_dict().items():
+        if not key.endswith("_layers") or not isinstance(value, (list, tuple)) or len(value) == n_old:
+            continue
+        if all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < n_old for v in value) \
+                and len(set(value)) == len(value):
+            names.append(key)
+    return names
+
+
 def _update_config(cfg: Any, keep: list[int], n_old: int) -> None:
-    """New layer count and per-layer lists restricted to the kept layers (in place)."""
+    """New layer count, per-layer lists restricted to the kept layers and layer-index lists
+    renumbered (in place)."""
     lists = {name: getattr(cfg, name) for name in _per_layer_list_names(cfg, n_old)}
+    index_lists = {name: getattr(cfg, name) for name in _layer_index_list_names(cfg, n_old)}
+    new_index = {old: new for new, old in enumerate(keep)}
     for name in _LAYER_COUNT_NAMES:
         try:
             current = getattr(cfg, name)
@@ -324,6 +353,61 @@ def _update_config(cfg: Any, keep: list[int], n_old: int) -> None:
             setattr(cfg, name, len(keep))
     for name, value in lists.items():
         setattr(cfg, name, type(value)(value[i] for i in keep))
+    for name, value in index_lists.items():
+        setattr(cfg, name, type(value)(new_index[i] for i in value if i in new_index))
+    for name in _PREFIX_COUNT_NAMES:  # the first k layers are of another kind: k of them kept
+        k = getattr(cfg, name, None)
+        if isinstance(k, int) and not isinstance(k, bool):
+            setattr(cfg, name, sum(1 for i in keep if i < k))
+
+
+def _check_structure(model: nn.Module, blocks: nn.ModuleList, keep: list[int], n_old: int) -> None:
+    """Refuse a pruning whose config would reload as a different model: the model's class,
+    built from the updated config on the meta device (no memory), must have exactly the
+    parameters and buffers (names and shapes) of the pruned model. This catches what the
+    config says in a way the edits above do not follow (layer counters such as
+    ``first_k_dense_replace``, periods, unknown index lists). Models that are not
+    transformers models (no config) or whose class cannot be built that way are not checked."""
+    cfg = getattr(model, "config", None)
+    if not _is_config(cfg) or not hasattr(type(model), "config_class"):
+        return
+    new_cfg = copy.deepcopy(cfg)
+    inner = _layer_config_in(new_cfg, n_old)
+    if inner is None:
+        return
+    _update_config(inner, keep, n_old)
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(new_cfg)
+    except Exception:  # noqa: BLE001 - a class that cannot be built from its config alone
+        return
+    path = next((n for n, m in model.named_modules() if m is blocks), None)
+    if not path:
+        return
+    new_index = {old: new for new, old in enumerate(keep)}
+    prefix = path + "."
+    expected: dict[str, tuple[int, ...]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name.startswith(prefix):
+            idx, _, rest = name[len(prefix):].partition(".")
+            if idx.isdigit():
+                if int(idx) not in new_index:
+                    continue
+                name = f"{prefix}{new_index[int(idx)]}.{rest}"
+        expected[name] = tuple(t.shape)
+    got = {name: tuple(t.shape) for name, t in fresh.state_dict(keep_vars=True).items()}
+    if got != expected:
+        missing = sorted(set(expected) - set(got))
+        extra = sorted(set(got) - set(expected))
+        shapes = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
+        detail = "; ".join(f"{what}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+                           for what, keys in (("not in the rebuilt model", missing),
+                                              ("only in the rebuilt model", extra), ("other shapes", shapes)) if keys)
+        raise ValueError(
+            f"cannot prune layers {sorted(set(range(n_old)) - set(keep))} of this {cfg.model_type} model: its config "
+            f"describes the layers in a way the pruned config would not match (a {type(model).__name__} built from it "
+            f"differs from the pruned model: {detail})"
+        )
 
 
 def _check_layer_scaling(blocks: nn.ModuleList, keep: list[int]) -> None:
@@ -380,6 +464,8 @@ def prune_layers(
     _check_layer_scaling(blocks, keep)
     cfg = _layer_config(model, n_old)
     _check_config(cfg)
+    if drop:
+        _check_structure(model, blocks, keep, n_old)
     if not inplace:
         model = copy.deepcopy(model)
         _, blocks = find_layers(model, layers_path)

@@ -237,6 +237,52 @@ def test_prune_refuses_what_a_config_cannot_say():
         prune_layers(llama, [0])
 
 
+def _moe(model_type: str, **kw):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_attention_heads=4,
+                vocab_size=64, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **base, **kw)).eval()
+
+
+def test_prune_renumbers_layer_index_lists_and_prefix_counts(tmp_path):
+    """Qwen3-MoE's ``mlp_only_layers`` (indices of dense layers) and DeepSeek's
+    ``first_k_dense_replace`` (a dense prefix) follow the kept layers: the saved model
+    reloads to the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    qwen = _moe("qwen3_moe", num_key_value_heads=2, head_dim=8, num_hidden_layers=5, mlp_only_layers=[1, 3],
+                num_experts=4, decoder_sparse_step=1)
+    deep = _moe("deepseek_v3", num_key_value_heads=4, num_hidden_layers=4, first_k_dense_replace=2,
+                n_routed_experts=4, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                v_head_dim=8, n_group=1, topk_group=1)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    for model, drop, field, want in ((qwen, [1], "mlp_only_layers", [2]), (qwen, [0, 3], "mlp_only_layers", [0]),
+                                     (deep, [0], "first_k_dense_replace", 1), (deep, [3], "first_k_dense_replace", 2)):
+        small = prune_layers(model, drop)
+        assert getattr(small.config, field) == want
+        d = tmp_path / f"{model.config.model_type}_{'_'.join(map(str, drop))}"
+        small.save_pretrained(d)
+        again = AutoModelForCausalLM.from_pretrained(d).eval()
+        with torch.no_grad():
+            assert torch.equal(again(ids).logits, small(ids).logits)
+
+
+def test_prune_refuses_a_config_that_would_reload_as_another_model():
+    """Qwen3-MoE with an expert MLP every 2nd layer (``decoder_sparse_step=2``): dropping one
+    layer would move the experts, and the pruned config cannot say so; dropping two keeps
+    the period."""
+    model = _moe("qwen3_moe", num_key_value_heads=2, head_dim=8, num_hidden_layers=4, num_experts=4,
+                 decoder_sparse_step=2)
+    with pytest.raises(ValueError, match=r"cannot prune layers \[0\].*not in the rebuilt model"):
+        prune_layers(model, [0])
+    with pytest.raises(ValueError, match="cannot prune"):
+        prune_layers(model, [0], inplace=True)
+    assert len(model.model.layers) == 4 and model.config.num_hidden_layers == 4  # untouched
+    assert prune_layers(model, [0, 1]).config.num_hidden_layers == 2
+
+
 def test_prune_unknown_layout_with_layers_path():
     class Net(torch.nn.Module):
         def __init__(self):
