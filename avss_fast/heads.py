@@ -38,6 +38,7 @@ module is modified, wrapped or hooked.
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -83,8 +84,10 @@ class AdaptiveRule:
         if self.rows not in ("last", "all"):
             raise ValueError(f"AdaptiveRule.rows must be 'last' or 'all', got {self.rows!r}")
         for name in ("threshold", "scale"):
-            if not math.isfinite(float(getattr(self, name))):
-                raise ValueError(f"AdaptiveRule.{name} must be finite, got {getattr(self, name)}")
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+                raise ValueError(f"AdaptiveRule.{name} must be a finite number, got {v!r}")
+            object.__setattr__(self, name, float(v))
         if isinstance(self.segment, bool) or not isinstance(self.segment, int) or self.segment < 0:
             raise ValueError(f"AdaptiveRule.segment must be a segment index >= 0, got {self.segment!r}")
 

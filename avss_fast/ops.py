@@ -17,6 +17,7 @@ host synchronisation on the triton path.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import NamedTuple
 
@@ -91,11 +92,12 @@ def _check_mask(mask, h: torch.Tensor) -> torch.Tensor | None:
 
 def check_sparsity_thresholds(sparsity_eps, sparsity_rel) -> None:
     """ValueError unless ``sparsity_eps >= 0`` is finite and ``sparsity_rel`` is None or > 0."""
-    if not (isinstance(sparsity_eps, (int, float)) and math.isfinite(sparsity_eps) and sparsity_eps >= 0):
+    def number(x) -> bool:  # Python and NumPy reals; not bool (True would be 1.0)
+        return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
+
+    if not (number(sparsity_eps) and sparsity_eps >= 0):
         raise ValueError(f"sparsity_eps must be a finite number >= 0, got {sparsity_eps!r}")
-    if sparsity_rel is not None and not (
-        isinstance(sparsity_rel, (int, float)) and math.isfinite(sparsity_rel) and sparsity_rel > 0
-    ):
+    if sparsity_rel is not None and not (number(sparsity_rel) and sparsity_rel > 0):
         raise ValueError(f"sparsity_rel must be None or a finite number > 0, got {sparsity_rel!r}")
 
 
@@ -149,8 +151,10 @@ def layer_moments(
 ) -> Moments:
     """Streaming statistics of hidden states ``hidden`` [B, T, D] in one read.
 
-    Positions with ``attention_mask == 0`` are ignored; NaN/Inf values are counted in
-    ``nonfinite`` and left out of everything else. With ``H`` the valid finite values:
+    Positions with ``attention_mask == 0`` are ignored (``attention_mask`` [B, T]: bool,
+    integer or float, nonzero = token, as transformers' [batch, tokens] masks; an additive
+    mask, 0 = token and -inf = padding, would be read backwards); NaN/Inf values are
+    counted in ``nonfinite`` and left out of everything else. With ``H`` the valid finite values:
 
     * ``pooled_var_sum = sum_b Var_d(mean_t h[b, t, d])`` (unbiased over d): the AVSS
       variance once divided by ``samples``;

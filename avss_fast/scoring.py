@@ -210,8 +210,11 @@ class LayerScorer:
                 s = s.all_reduce() if s is not None else None
             moments.append(m.to("cpu"))
             sims.append(None if s is None else s.to("cpu"))
-        if all_reduce and all(int(m.elements) == 0 and int(m.nonfinite) == 0 for m in moments):
-            raise no_data  # no rank saw anything (checked after the collective, so no rank hangs)
+        if all(int(m.tokens) == 0 and int(m.nonfinite) == 0 for m in moments):
+            # every position was padding (or, merged, no rank saw anything: checked after
+            # the collective, so no rank hangs)
+            raise ValueError("LayerScorer saw no valid token: every position of every batch was padding "
+                             "(attention_mask == 0), or the data was empty") if self.batches else no_data
         if model_name is None:
             model_name = getattr(getattr(self.model, "config", None), "_name_or_path", None) or type(self.model).__name__
         return LayerReport(

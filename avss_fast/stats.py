@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import ClassVar
 
 import torch
@@ -133,6 +134,13 @@ class _Accumulator:
         missing = [n for n in cls._names() if n not in d]
         if missing:
             raise ValueError(f"{cls.__name__}.from_raw: missing fields {missing}")
+        for n in cls._counts:
+            v = d[n]
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) and not (
+                    isinstance(v, float) and v.is_integer() and v >= 0):
+                raise ValueError(f"{cls.__name__}.from_raw: count {n!r} must be a whole number, got {v!r}")
+            if v < 0:
+                raise ValueError(f"{cls.__name__}.from_raw: count {n!r} must be >= 0, got {v!r}")
         return cls(**{n: torch.tensor(d[n], dtype=_I64 if n in cls._counts else _F64, device=device) for n in cls._names()})
 
     def _pack(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,6 +3,7 @@ and to an eager materialised implementation of the rules (tests/eager_rule.py), 
 exit, errors."""
 
 import eager_rule
+import numpy as np
 import pytest
 import torch
 from tiny_models import make_tiny
@@ -292,6 +293,11 @@ def test_bad_rules_are_errors():
         AdaptiveRule(heads=[], segment=1)
     with pytest.raises(ValueError, match="segment"):
         AdaptiveRule(heads=[(0, 0)], segment=-1)
+    for bad in ("0.4", True, float("nan")):
+        with pytest.raises(ValueError, match="threshold must be a finite number"):
+            AdaptiveRule(heads=[(0, 0)], segment=1, threshold=bad)
+    rule = AdaptiveRule(heads=[(0, 0)], segment=1, threshold=np.float32(0.25), scale=0)
+    assert type(rule.threshold) is float and rule.threshold == 0.25 and type(rule.scale) is float
 
 
 def test_per_sample_arguments_must_fit_the_batch():

@@ -3,6 +3,7 @@ backends (fused torch path, Triton kernels under the interpreter) against the re
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_close_verbose, assert_moments_close, layer_moments_fast_kernel_only, nan_filled_empty
@@ -252,6 +253,12 @@ def test_bad_inputs_give_clear_errors():
         ops.block_similarity(h, torch.randn(2, 3, 5))
     with pytest.raises(TypeError, match="torch.Tensor"):
         ops.layer_moments([[1.0]])
+    with pytest.raises(ValueError, match="sparsity_eps"):
+        ops.layer_moments(h, sparsity_eps=True)  # not 1.0
+    with pytest.raises(ValueError, match="sparsity_rel"):
+        ops.layer_moments(h, sparsity_rel="0.1")
+    ref = ops.layer_moments(h, sparsity_eps=0.5, sparsity_rel=0.25).raw()
+    assert ops.layer_moments(h, sparsity_eps=np.float32(0.5), sparsity_rel=np.float64(0.25)).raw() == ref
 
 
 def test_unknown_backend_is_an_error(monkeypatch):

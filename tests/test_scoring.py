@@ -187,6 +187,11 @@ def test_bad_input_errors():
     scorer = LayerScorer(model)
     with pytest.raises(ValueError, match="saw no data"):
         scorer.report()
+    pad = random_batch(model, batch=2, seq=5)
+    with LayerScorer(model) as empty, torch.no_grad():
+        model(input_ids=pad["input_ids"], attention_mask=torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="no valid token"):  # not a report of NaNs
+        empty.report()
     with pytest.raises(ValueError, match="sparsity_eps"):
         LayerScorer(model, sparsity_eps=-1)
     b = random_batch(model, batch=2, seq=6)

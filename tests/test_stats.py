@@ -318,6 +318,10 @@ def test_from_raw_roundtrip_to_and_zeros():
     assert all(isinstance(r[k], float) for k in Moments._sums)
     back = Moments.from_raw(r)
     assert back.raw() == r
+    assert Moments.from_raw({**r, "tokens": float(r["tokens"])}).raw() == r  # 7.0 from a float-only JSON reader
+    for bad in (1.7, -1, True, "3"):
+        with pytest.raises(ValueError, match="count 'samples'"):
+            Moments.from_raw({**r, "samples": bad})
     assert Moments.from_raw(r, device="cpu").device == torch.device("cpu")
     moved = m.to("cpu")
     assert moved.device == torch.device("cpu") and moved.raw() == r and moved is not m
