@@ -69,7 +69,10 @@ class AdaptiveRule:
     """Adaptive deactivation (ADHH): for each (layer, head) in ``heads``, in the covered query
     rows (``rows="last"``, the published method, or ``"all"``), when the head's softmax mass
     on ``segment`` is >= ``threshold``, that segment's probabilities are multiplied by
-    ``scale`` (0 = deactivated), without renormalising."""
+    ``scale`` (0 = deactivated), without renormalising. ``"last"`` is the last query row of
+    each attention call: every generated token under ``generate`` (left padding), but in a
+    plain forward of a right-padded batch a padding row for the shorter samples (use
+    left padding, or ``rows="all"``)."""
 
     heads: Sequence[tuple[int, int]]
     segment: int

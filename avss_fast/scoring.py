@@ -71,7 +71,12 @@ class LayerScorer:
 
     The padding mask is read from each top-level model call (``attention_mask``
     argument); for a block seeing ``T`` positions the last ``T`` columns apply, which
-    also covers decoding with a KV cache. Accumulators stay on each block's device and
+    also covers decoding with a KV cache. Under ``generate`` with a cache each decoding step
+    is a model call of one token per sequence, so each step counts as ``samples`` of one
+    token: ``token_variance`` and sparsity are those of every token, but the pooled
+    (per-sample token mean) variance of the generated part is a single token's variance
+    (score the finished sequences with one forward for the AVSS pooled variance of whole
+    samples). Accumulators stay on each block's device and
     nothing synchronises the GPU until :meth:`report`. Hooks are removed on exit, also
     when the body raises.
     """
