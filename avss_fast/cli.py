@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 DTYPES = {"auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -23,13 +24,14 @@ class CLIError(Exception):
 
 
 def parse_segment_starts(spec: str) -> list[int]:
-    """``--segment-starts 0,12`` -> [0, 12]: non-decreasing token positions >= 0."""
+    """``--segment-starts 0,12`` -> [0, 12]: increasing token positions >= 0 (an equal pair
+    would make an empty segment)."""
     try:
         starts = [int(s) for s in spec.split(",") if s.strip()]
     except ValueError:
         raise CLIError(f"--segment-starts {spec!r}: expected comma-separated token positions, e.g. 0,12") from None
-    if not starts or starts[0] < 0 or any(b < a for a, b in zip(starts, starts[1:])):
-        raise CLIError(f"--segment-starts {spec!r}: expected non-decreasing positions >= 0")
+    if not starts or starts[0] < 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+        raise CLIError(f"--segment-starts {spec!r}: expected increasing positions >= 0")
     return starts
 
 
@@ -56,7 +58,29 @@ def _pick_device(name: str):
         raise CLIError(f"--device {name!r}: {e}") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda: no CUDA device is available")
+    try:
+        torch.empty(1, device=dev)
+    except (RuntimeError, AssertionError) as e:  # mps/xpu/... not built in, or index out of range
+        raise CLIError(f"--device {name!r} is not usable here: {str(e).splitlines()[0]}") from None
     return dev
+
+
+def check_out(path: str, kind: str) -> Path:
+    """Make ``--out`` usable before any work is done: ``kind`` "dir" (created; an existing
+    file is an error) or "file" (its folder created; an existing directory is an error)."""
+    p = Path(path)
+    folder = p if kind == "dir" else p.parent
+    if kind == "dir" and p.exists() and not p.is_dir():
+        raise CLIError(f"--out {path!r} is a file; give a directory (the outputs are written into it)")
+    if kind == "file" and p.is_dir():
+        raise CLIError(f"--out {path!r} is a directory; give a file name, e.g. {p / 'heads.json'}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"--out {path!r}: cannot create {str(folder)!r}: {e.strerror or e}") from None
+    if not os.access(folder, os.W_OK):
+        raise CLIError(f"--out {path!r}: {str(folder)!r} is not writable")
+    return p
 
 
 def load_model(path: str, *, device: str = "auto", dtype: str = "auto"):
@@ -70,6 +94,8 @@ def load_model(path: str, *, device: str = "auto", dtype: str = "auto"):
     hf_logging.disable_progress_bar()  # the weight-loading bar; ours show the real work
 
     local = Path(path).is_dir()
+    if not local and (Path(path).exists() or path.startswith(("/", "./", "../", "~")) or os.sep + os.sep in path):
+        raise CLIError(f"--model {path!r}: no such model directory")
     kw = {"local_files_only": True} if local else {}
     try:
         config = AutoConfig.from_pretrained(path, **kw)
@@ -87,10 +113,17 @@ def load_model(path: str, *, device: str = "auto", dtype: str = "auto"):
     )
     cls = AutoModel if encoder else AutoModelForCausalLM
     try:
-        model = cls.from_pretrained(path, **load_kw)
-    except ValueError:
-        model = AutoModel.from_pretrained(path, **load_kw)
-    tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+        try:
+            model = cls.from_pretrained(path, **load_kw)
+        except ValueError:
+            model = AutoModel.from_pretrained(path, **load_kw)
+    except OSError as e:  # a config without weights, unreadable files
+        raise CLIError(f"cannot load the model weights from {path!r}: {str(e).splitlines()[0]}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    except (OSError, ValueError, TypeError) as e:
+        raise CLIError(f"cannot load a tokenizer from {path!r} (the model directory needs its tokenizer files): "
+                       f"{str(e).splitlines()[0]}") from None
     return model.to(dev).eval(), tokenizer
 
 
@@ -142,19 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="model directory or hub name (default: the bundled MiniLM)")
     s.add_argument("--data", help=".txt (one document a line) or .jsonl file (default: built-in English corpus)")
     s.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--max-length", type=int, default=128)
+    s.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (default 16)")
+    s.add_argument("--max-length", type=int, default=128,
+                   help="tokens per text, special tokens included; longer texts are truncated (default 128)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     s.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     s.add_argument("--layers-path", help="dotted path to the model's ModuleList of blocks, for unknown layouts")
-    s.add_argument("--sparsity-eps", type=float, default=1e-5, help="near-zero threshold |h| < eps (default 1e-5)")
-    s.add_argument("--sparsity-rel", type=float, default=None,
-                   help="near-zero threshold relative to each token's rms, e.g. 0.01 (overrides --sparsity-eps)")
+    sp = s.add_mutually_exclusive_group()
+    sp.add_argument("--sparsity-eps", type=float, default=1e-5, help="near-zero threshold |h| < eps (default 1e-5)")
+    sp.add_argument("--sparsity-rel", type=float, default=None,
+                    help="near-zero threshold relative to each token's rms, e.g. 0.01 (instead of --sparsity-eps)")
     s.add_argument("--no-similarity", action="store_true", help="skip Block Influence (block input/output cosine)")
     s.add_argument("--out", default="avss_fast_out", help="output directory (default: ./avss_fast_out)")
     s.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.set_defaults(func=cmd_score)
+    s.set_defaults(func=cmd_score, out_kind="dir")
     from . import cli_attention_stats, cli_bench, cli_generate, cli_hallucination, cli_heads, cli_prune
 
     cli_prune.register(sub)
@@ -166,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"avss-fast: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "score" and (args.batch_size < 1 or args.max_length < 1):
@@ -173,11 +212,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return args.func(args)
+        if getattr(args, "out_kind", None) and getattr(args, "out", None):
+            check_out(args.out, args.out_kind)  # before any work: a bad --out loses nothing
+        with warnings.catch_warnings():  # one line each, without the source line
+            warnings.showwarning = _show_warning
+            return args.func(args)
     except CLIError as e:
         print(f"avss-fast: error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # FileNotFoundError, UnicodeDecodeError (a ValueError) included
         print(f"avss-fast: error: {e}", file=sys.stderr)
         return 2
 

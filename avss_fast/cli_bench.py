@@ -124,9 +124,9 @@ def cmd_bench(args) -> int:
     from .ops import backend_for
 
     dev = _pick_device(args.device)
-    name = _DTYPES.get(args.dtype)
+    name = ("bfloat16" if dev.type == "cuda" else "float32") if args.dtype == "auto" else _DTYPES.get(args.dtype)
     if name is None:
-        raise CLIError(f"--dtype {args.dtype!r}: choose one of {', '.join(_DTYPES)}")
+        raise CLIError(f"--dtype {args.dtype!r}: choose one of auto, {', '.join(_DTYPES)}")
     dtype = getattr(torch, name)
     rows = run_bench(dev, dtype, quick=args.quick)
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
@@ -147,9 +147,10 @@ def cmd_bench(args) -> int:
 
 def register(sub) -> None:
     b = sub.add_parser("bench", help="time the ops on this machine against their eager baselines",
-                       description=__doc__.split("\n\n")[0])
+                       description=__doc__.split("\n\n")[0].replace("``", ""))
     b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    b.add_argument("--dtype", default="float32", help="float32, bfloat16, float16")
+    b.add_argument("--dtype", default="float32",
+                   help="float32 (default), bfloat16, float16, or auto (bf16 on GPU, fp32 on CPU)")
     b.add_argument("--quick", action="store_true", help="small shapes, few rounds (seconds on a CPU)")
-    b.add_argument("--json", action="store_true")
+    b.add_argument("--json", action="store_true", help="print the results as JSON")
     b.set_defaults(func=cmd_bench)

@@ -16,6 +16,7 @@ starts, so ``reweight``/``adaptive`` act on the attention paid to the generated 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from .cli import CLIError, load_model, parse_segment_starts
@@ -122,10 +123,13 @@ def cmd_generate(args) -> int:
         pairs = parse_heads(args.heads, num_layers, num_heads)
     else:
         pairs = [(num_layers // 2, h) for h in range(num_heads)]
-        print(f"no --heads given: using every head of the middle layer ({num_layers // 2}:*)")
+        print(f"no --heads given: using every head of the middle layer ({num_layers // 2}:*)", file=sys.stderr)
     enc = tok(prompt, return_tensors="pt").to(model.device)
     n_prompt = enc["input_ids"].shape[1]
     starts = [0, n_prompt] if args.segment_starts is None else parse_segment_starts(args.segment_starts)
+    if args.mode != "gate" and starts[-1] >= n_prompt + args.max_new_tokens:
+        raise CLIError(f"--segment-starts: segment {len(starts) - 1} starts at token {starts[-1]}, past the "
+                       f"{n_prompt} prompt + {args.max_new_tokens} generated tokens: it would be empty")
     iv, what = _intervention(args, pairs, starts)
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=False,
               pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
@@ -170,7 +174,7 @@ def cmd_generate(args) -> int:
 
 def register(sub) -> None:
     g = sub.add_parser("generate", help="generate with and without a head intervention (gate, reweight, ADHH)",
-                       description=__doc__.split("\n\n")[0])
+                       description=__doc__.split("\n\n")[0].replace("``", ""))
     g.add_argument("--model", help="causal LM directory or hub name (default: the shipped demo LM)")
     g.add_argument("--prompt", help="prompt text (default: a held-out line for the demo model)")
     g.add_argument("--heads", help="LAYER:HEAD list, e.g. 3:5,4:1 or 4:* (default: every head of the middle layer)")

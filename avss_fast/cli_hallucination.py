@@ -75,7 +75,7 @@ def cmd_hallucination(args) -> int:
 def register(sub) -> None:
     """Add the ``hallucination`` subcommand to an argparse subparsers object."""
     h = sub.add_parser("hallucination", help="EAVSS: layer statistics on truthful vs hallucinated answers",
-                       description=__doc__.split("\n\n")[0])
+                       description=__doc__.split("\n\n")[0].replace("``", ""))
     h.add_argument("--model", help="model directory or hub name (default: the shipped demo LM)")
     h.add_argument("--data", help="JSONL of {prompt, truthful, hallucinated} records "
                                   "(default: built-in held-out Shakespeare data for the demo LM)")
@@ -92,4 +92,4 @@ def register(sub) -> None:
     h.add_argument("--out", default="avss_fast_out", help="output directory (default: ./avss_fast_out)")
     h.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     h.add_argument("--quiet", action="store_true", help="no progress bar")
-    h.set_defaults(func=cmd_hallucination)
+    h.set_defaults(func=cmd_hallucination, out_kind="dir")

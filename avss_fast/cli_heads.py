@@ -20,6 +20,7 @@ where the tokenizer marks word starts) or of ``{"text"}`` (events found as for t
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from .cli import CLIError, load_model
@@ -60,25 +61,28 @@ def jsonl_events(path: str, model, tok, *, per_label: int, max_length: int):
     from .data import read_jsonl
 
     try:
-        records = [obj for _, obj in read_jsonl(p)]
+        records = read_jsonl(p)
     except ValueError as e:
         raise CLIError(f"--data: {e}") from e
     if not records:
         raise CLIError(f"--data {path!r}: no records")
-    if all("text" in r and "prompt" not in r for r in records):
-        return greedy_events(model, tok, [r["text"] for r in records], per_label=per_label, max_length=max_length)
+    if all("text" in r and "prompt" not in r for _, r in records):
+        return greedy_events(model, tok, [r["text"] for _, r in records], per_label=per_label, max_length=max_length)
     events = []
-    for n, r in enumerate(records, 1):
+    for n, r in records:
         missing = [k for k in ("prompt", "target", "label") if k not in r]
         if missing:
-            raise CLIError(f"--data {path!r} record {n}: missing {', '.join(missing)} "
+            raise CLIError(f"--data {path!r} line {n}: missing {', '.join(missing)} "
                            "(expected {prompt, target, label} or {text})")
         if r["label"] not in LABELS:
-            raise CLIError(f"--data {path!r} record {n}: label must be 'hallucinated' or 'correct', got {r['label']!r}")
+            raise CLIError(f"--data {path!r} line {n}: label must be 'hallucinated' or 'correct', got {r['label']!r}")
         prompt = tok(r["prompt"], return_tensors="pt")["input_ids"][0]
         target = tok(r["target"], add_special_tokens=False, return_tensors="pt")["input_ids"][0]
         if len(prompt) < 1 or len(target) < 1:
-            raise CLIError(f"--data {path!r} record {n}: the prompt or the target tokenises to nothing")
+            raise CLIError(f"--data {path!r} line {n}: the prompt or the target tokenises to nothing")
+        prompt = prompt[-(max_length - 1):] if max_length > 1 else prompt[:0]  # the prompt's end, then the token
+        if len(prompt) < 1:
+            raise CLIError(f"--max-length {max_length} leaves no room for the prompt")
         events.append((torch.cat([prompt, target[:1]]), r["label"]))
     return events
 
@@ -100,14 +104,18 @@ def cmd_heads(args) -> int:
     from .attribution import attribute_heads, estimate_head_effects, rank_heads
     from .pruning import spearman
     from .demo import demo_model_path, demo_texts
+    from .models import fit_max_length
     from .report import plot_head_heatmap, write_json
 
-    if args.top_k < 1 or args.events < 1 or args.batch_size < 1:
-        raise CLIError("--top-k, --events and --batch-size must be >= 1")
+    if args.top_k < 1 or args.events < 1 or args.batch_size < 1 or args.max_length < 1:
+        raise CLIError("--top-k, --events, --batch-size and --max-length must be >= 1")
+    if args.compare and args.method != "gradient":
+        raise CLIError("--compare compares the gradient screen with exact ablation: use it with --method gradient")
     model_path = args.model or demo_model_path()
     model, tok = load_model(model_path, device=args.device, dtype=args.dtype)
     if "CausalLM" not in type(model).__name__:
         raise CLIError(f"{model_path}: heads needs a causal language model, got {type(model).__name__}")
+    args.max_length = fit_max_length(model, args.max_length)
     if args.data:
         events = jsonl_events(args.data, model, tok, per_label=args.events, max_length=args.max_length)
     else:
@@ -115,7 +123,10 @@ def cmd_heads(args) -> int:
     labels = [lab == "hallucinated" for _, lab in events]
     n_hal = sum(labels)
     if n_hal == 0 or n_hal == len(labels):
-        raise CLIError(f"need both hallucinated and correct events, found {n_hal} hallucinated of {len(labels)}")
+        hint = "" if args.data and labels else (
+            f" (events are taken from positions past the first 16 tokens of texts within --max-length "
+            f"{args.max_length}: the texts may be too short)")
+        raise CLIError(f"need both hallucinated and correct events, found {n_hal} hallucinated of {len(labels)}{hint}")
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     ids, mask, targets = _padded(events, pad)
     kw = dict(attention_mask=mask, score=args.score, positions="target")
@@ -150,26 +161,33 @@ def cmd_heads(args) -> int:
     if "spearman_vs_ablation" in result:
         print(f"\nSpearman correlation of the gradient screen with exact ablation: {result['spearman_vs_ablation']:.3f}")
     print(f"\nwrote {json_path} and {png}")
+    if not any(v != 0 for row in scores for v in row):
+        print("note: every head scores exactly 0: the hallucinated and correct events had the same effects "
+              "(identical events? a target whose first token is shared, e.g. a lone leading space); "
+              "nothing to pass to generate", file=sys.stderr)
+        return 0
     print(f"next: avss-fast generate --model {model_path} --heads-from {json_path} --mode adaptive")
     return 0
 
 
 def register(sub) -> None:
     h = sub.add_parser("heads", help="rank heads by their effect on hallucinated vs correct tokens",
-                       description=__doc__.split("\n\n")[0])
+                       description=__doc__.split("\n\n")[0].replace("``", ""))
     h.add_argument("--model", help="causal LM directory or hub name (default: the shipped demo LM)")
     h.add_argument("--data", help="JSONL of {prompt, target, label} or {text} (default: demo held-out text)")
-    h.add_argument("--top-k", type=int, default=20)
-    h.add_argument("--method", choices=("ablation", "gradient"), default="ablation")
+    h.add_argument("--top-k", type=int, default=20, help="heads written as hal_heads / non_hal_heads (default 20)")
+    h.add_argument("--method", choices=("ablation", "gradient"), default="ablation",
+                   help="exact ablation (default) or a first-order gradient estimate")
     h.add_argument("--compare", action="store_true", help="with --method gradient: also run the exact "
                                                           "ablation and report the rank correlation")
-    h.add_argument("--score", choices=("prob_diff", "log_prob_diff", "abs_prob_diff"), default="prob_diff")
+    h.add_argument("--score", choices=("prob_diff", "log_prob_diff", "abs_prob_diff"), default="prob_diff",
+                   help="an event's effect: drop of the token's probability (default), of its log, or its size")
     h.add_argument("--events", type=int, default=24, help="events per label (default 24)")
     h.add_argument("--batch-size", type=int, default=64, help="ablated heads per forward pass")
-    h.add_argument("--max-length", type=int, default=192)
-    h.add_argument("--device", default="auto")
-    h.add_argument("--dtype", default="auto")
+    h.add_argument("--max-length", type=int, default=192, help="tokens per text (default 192)")
+    h.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    h.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     h.add_argument("--out", default="avss_fast_out/heads.json", help="JSON output (a heatmap PNG goes beside it)")
-    h.add_argument("--json", action="store_true")
+    h.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
     h.add_argument("--quiet", action="store_true", help="no progress bar")
-    h.set_defaults(func=cmd_heads)
+    h.set_defaults(func=cmd_heads, out_kind="file")

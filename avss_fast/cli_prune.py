@@ -41,7 +41,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     (``func`` default: :func:`run`)."""
     p = subparsers.add_parser(
         "prune", help="prune the least important layers by AVSS (and baselines) and compare retention",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0].replace("``", ""),
     )
     p.add_argument("--model", help="model directory or hub name (default: the shipped demo language model)")
     p.add_argument("--ratio", type=float, default=0.25, help="fraction of layers to prune, in (0, 1) (default 0.25)")
@@ -49,7 +49,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="avss, block_influence, angular_distance, reverse, random or all (several allowed; "
                         "the first is the one saved; default all: every strategy side by side, avss saved)")
     p.add_argument("--rule", choices=("lowest", "cumulative"), default="lowest",
-                   help="lowest: the round(ratio * L) lowest-scoring layers; cumulative: the paper's "
+                   help="lowest: the round(ratio * L) lowest-scoring layers, at least 1; cumulative: the paper's "
                         "cumulative normalised score <= ratio (default lowest)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline (default 0)")
     p.add_argument("--data", help="calibration .txt/.jsonl (default: every 4th default text)")
@@ -62,13 +62,14 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--sparsity-eps", type=float, default=1e-5, help="AVSS near-zero threshold |h| < eps (default 1e-5)")
-    p.add_argument("--sparsity-rel", type=float, default=None,
-                   help="AVSS near-zero threshold relative to each token's rms, e.g. 0.01 (overrides --sparsity-eps)")
+    sp = p.add_mutually_exclusive_group()
+    sp.add_argument("--sparsity-eps", type=float, default=1e-5, help="AVSS near-zero threshold |h| < eps (default 1e-5)")
+    sp.add_argument("--sparsity-rel", type=float, default=None,
+                    help="AVSS near-zero threshold relative to each token's rms, e.g. 0.01 (instead of --sparsity-eps)")
     p.add_argument("--layers-path", help="dotted path to the model's ModuleList of blocks, for unknown layouts")
     p.add_argument("--no-save-model", action="store_true", help="do not write the pruned model")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, out_kind="dir")
     return p
 
 
@@ -95,6 +96,7 @@ def _check_args(args) -> None:
     for flag, path in [("--data", args.data)] + [("--eval", e) for e in args.eval or []]:
         if path and not Path(path).is_file():
             raise CLIError(f"{flag} {path!r}: no such file")
+    _check_eval_files(args.eval or [])
 
 
 def _load(path: str, device: str, dtype: str):
@@ -133,6 +135,18 @@ def _data_sources(args, model_path: str) -> tuple[Any, str, list[tuple[Any, str]
         evals = [(rest, "heldout")]
         calib_name += f"; evaluation 'heldout': the other {len(rest)} texts"
     return calib, calib_name, evals
+
+
+def _check_eval_files(paths: list[str]) -> None:
+    """Read every multiple-choice --eval file before the scoring starts, so that a bad record
+    stops the run at once (the evaluation's own checks, naming the file and line).""" 
+    from .pruning import _check_choice_record, _first_record, _load_records
+
+    for e in paths:
+        first = _first_record(e)
+        if first is not None and "question" in first and "choices" in first:
+            for where, rec in _load_records(e):
+                _check_choice_record(rec, where)
 
 
 # ------------------------------------------------------------------------------ strategies
@@ -333,10 +347,17 @@ def run(args) -> int:
               "variance alone (avss_guard in report.json); --sparsity-rel 0.01 gives a scale-free sparsity.")
     elif "avss" in selections and min(r["near_zero"] for r in report.layers) < 30:
         few = min(r["near_zero"] for r in report.layers)
-        print(f"note: some layers have as few as {few} values below the sparsity threshold, so their sparsity "
-              "(and AVSS) rests on a handful of values; compare with the baselines above, or try --sparsity-rel 0.01.")
+        held = "no value" if few == 0 else f"as few as {few} values"
+        print(f"note: some layers have {held} below the sparsity threshold, so their sparsity (and AVSS) rests "
+              "on a handful of values (or on the 1/elements guard); compare with the baselines above, or try "
+              "--sparsity-rel 0.01.")
+    empty = [m for m in metrics if not selections[m]]
+    if empty:
+        print(f"note: {', '.join(empty)} selected no layer at ratio {args.ratio:g} (rule {args.rule}): "
+              "nothing was removed there; raise --ratio")
     if saved is not None:
-        print(f"saved the {metrics[0]}-pruned model ({len(report) - len(selections[metrics[0]])} layers) to {saved}")
+        what = "unpruned (nothing selected)" if not selections[metrics[0]] else f"{metrics[0]}-pruned"
+        print(f"saved the {what} model ({len(report) - len(selections[metrics[0]])} layers) to {saved}")
     print(f"wrote {json_path}, {png_path}")
     return 0
 

@@ -507,17 +507,19 @@ def score_hallucination(
     from tqdm.auto import tqdm
 
     from . import ops
-    from .models import model_device
+    from .models import fit_max_length, model_device
     from .scoring import LayerScorer, _accepts, _eval_no_grad
 
     if not isinstance(batch_size, int) or not isinstance(max_length, int) or batch_size < 1 or max_length < 1:
         raise ValueError(f"batch_size and max_length must be integers >= 1, got {batch_size!r} and {max_length!r}")
     ops.check_sparsity_thresholds(sparsity_eps, sparsity_rel)
+    max_length = fit_max_length(model, max_length)
     t_pairs, h_pairs = _resolve_inputs(truthful, hallucinated)
     if tokenizer is None:
         raise ValueError("score_hallucination needs a tokenizer to turn (prompt, answer) texts into tokens")
     encoded = {
-        name: [_encode(tokenizer, p, a, max_length, f"{name} answer #{i}") for i, (p, a) in enumerate(pairs)]
+        name: [_encode(tokenizer, p, a, max_length, f"{name} answer of record {i} (0-based; prompt {p[:40]!r})")
+               for i, (p, a) in enumerate(pairs)]
         for name, pairs in (("truthful", t_pairs), ("hallucinated", h_pairs))
     }
     pad_id = getattr(tokenizer, "pad_token_id", None)

@@ -91,6 +91,9 @@ class AdaptiveRule:
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
                 raise ValueError(f"AdaptiveRule.{name} must be a finite number, got {v!r}")
             object.__setattr__(self, name, float(v))
+        if not 0.0 <= self.threshold <= 1.0:  # a softmax mass is in [0, 1]: outside, always or never
+            raise ValueError(f"AdaptiveRule.threshold is compared with a softmax mass, so it must be in [0, 1], "
+                             f"got {self.threshold!r}")
         if isinstance(self.segment, bool) or not isinstance(self.segment, int) or self.segment < 0:
             raise ValueError(f"AdaptiveRule.segment must be a segment index >= 0, got {self.segment!r}")
 

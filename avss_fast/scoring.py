@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from . import ops
-from .models import block_hidden_from_input, block_hidden_from_output, find_layers, model_device
+from .models import block_hidden_from_input, block_hidden_from_output, find_layers, fit_max_length, model_device
 from .stats import Moments, Similarity
 
 REPORT_FORMAT = "avss_fast.LayerReport/1"
@@ -422,6 +422,7 @@ def score_layers(
     if batch_size < 1 or max_length < 1:
         raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size} and {max_length}")
     device = model_device(model)
+    max_length = fit_max_length(model, max_length)
     batches = iter_batches(data, tokenizer, batch_size=batch_size, max_length=max_length, field=field)
     total = num_batches(data, batch_size, field=field)
     extra: dict[str, Any] = {}

@@ -57,6 +57,43 @@ def test_cli_errors_are_clear(tmp_path, capsys):
         main(["frobnicate"])
 
 
+@pytest.mark.parametrize("command", ["score", "prune", "hallucination", "attention-stats", "heads"])
+def test_unusable_out_fails_before_any_work(tmp_path, capsys, command, monkeypatch):
+    """A file where a directory goes (a directory where heads writes its JSON) is an error
+    before the model is even loaded."""
+    import avss_fast.cli as cli
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(cli, "load_model", no_loading)
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / ("adir" if command == "heads" else "afile")
+    out.mkdir(exist_ok=True) if command == "heads" else None
+    assert main([command, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert ("is a directory" if command == "heads" else "is a file") in err and "Traceback" not in err
+
+
+def test_unusable_model_and_device_are_one_line_errors(tmp_path, capsys):
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("bert", hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=8).save_pretrained(tmp_path / "cfgonly")
+    for args, msg in ((["--model", str(tmp_path / "cfgonly")], "cannot load the model weights"),
+                      (["--model", str(tmp_path / "nowhere")], "no such model directory"),
+                      (["--device", "mps"], "is not usable here"),
+                      (["--sparsity-eps", "1e-4", "--sparsity-rel", "0.01"], None)):
+        if msg is None:  # argparse: alternatives
+            with pytest.raises(SystemExit):
+                main(["score", *args, "--quiet", "--out", str(tmp_path / "o")])
+            assert "not allowed with argument" in capsys.readouterr().err
+            continue
+        assert main(["score", *args, "--quiet", "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_console_script_help():
     exe = shutil.which("avss-fast") or str(__import__("pathlib").Path(sys.executable).with_name("avss-fast"))
     res = subprocess.run([exe, "score", "--help"], capture_output=True, text=True, timeout=120)

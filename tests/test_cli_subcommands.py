@@ -19,10 +19,12 @@ def _run_json(args, capsys):
 
 def test_default_runs_on_demo_model(capsys):
     assert main(["generate", "--max-new-tokens", "8"]) == 0
-    out = capsys.readouterr().out
-    assert "--- without intervention ---" in out and "--- with intervention ---" in out
-    assert "every head of the middle layer (4:*)" in out
-    assert "gate x 0" in out
+    cap = capsys.readouterr()
+    assert "--- without intervention ---" in cap.out and "--- with intervention ---" in cap.out
+    assert "every head of the middle layer (4:*)" in cap.err  # a note, not part of the result
+    assert "gate x 0" in cap.out
+    res = _run_json(["--max-new-tokens", "3"], capsys)  # the default heads: stdout is the JSON alone
+    assert res["heads"] == [[4, h] for h in range(8)]
 
 
 def test_adaptive_matches_the_python_api(capsys):
@@ -66,7 +68,11 @@ def test_parse_heads():
         (["--heads-from", "missing.json"], "no such file"),
         (["--max-new-tokens", "0"], "max-new-tokens"),
         (["--mode", "adaptive", "--segment", "3"], "out of range"),
-        (["--segment-starts", "5,2", "--mode", "reweight"], "non-decreasing"),
+        (["--segment-starts", "5,2", "--mode", "reweight"], "increasing"),
+        (["--segment-starts", "0,0", "--mode", "reweight"], "increasing"),
+        (["--segment-starts", "0,500", "--mode", "reweight", "--max-new-tokens", "4"], "it would be empty"),
+        (["--mode", "adaptive", "--threshold", "2"], "must be in [0, 1]"),
+        (["--mode", "adaptive", "--threshold", "-1"], "must be in [0, 1]"),
         (["--prompt", "  "], "empty"),
         (["--top-k", "0", "--heads", "1:0"], "--top-k must be >= 1"),
     ],
@@ -130,14 +136,15 @@ def test_heads_gradient_with_comparison_and_jsonl(tmp_path, capsys):
 @pytest.mark.parametrize(
     "rows,msg",
     [
-        ([{"prompt": "a", "target": "b"}], "missing label"),
+        ([{"prompt": "a", "target": "b"}], "line 1: missing label"),
         ([{"prompt": "a", "target": "b", "label": "maybe"}], "label must be"),
         ([{"prompt": "a", "target": "b", "label": "correct"}], "both hallucinated and correct"),
     ],
 )
 def test_heads_bad_data(tmp_path, capsys, rows, msg):
+    """Errors name the file's line (1-based, as an editor shows it)."""
     data = tmp_path / "e.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows))
+    data.write_text("\n\n".join(json.dumps(r) for r in rows))
     assert main(["heads", "--data", str(data), "--out", str(tmp_path / "h.json"), "--quiet"]) == 2
     assert msg in capsys.readouterr().err
 
@@ -166,8 +173,12 @@ def test_attention_stats_encoder_and_errors(tmp_path, capsys):
     rep = json.loads(capsys.readouterr().out)
     assert len(rep["layers"]) == 6 and len(rep["rows"][0]) == 12
     assert main(["attention-stats", "--segment-starts", "4,1", "--quiet"]) == 2
-    assert "non-decreasing" in capsys.readouterr().err
+    assert "increasing" in capsys.readouterr().err
     assert main(["attention-stats", "--data", str(tmp_path / "missing.txt"), "--quiet"]) == 2
+    for args, msg in ((["--limit=-1"], "--limit must be >= 0"), (["--top", "0"], "--top >= 1"),
+                      (["--segment-starts", "0,5000"], "it would be empty")):
+        assert main(["attention-stats", *args, "--out", str(tmp_path / "o"), "--quiet"]) == 2
+        assert msg in capsys.readouterr().err
 
 
 def test_bench_quick_json(capsys, monkeypatch):

