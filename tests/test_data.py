@@ -114,6 +114,10 @@ def test_load_texts_txt(tmp_path):
     p.write_text("  first doc \n\n\nsecond doc\n   \nthird\n", encoding="utf-8")
     assert load_texts(p) == ["first doc", "second doc", "third"]
     assert load_texts(str(p)) == ["first doc", "second doc", "third"]
+    for f in (tmp_path / "latin1.txt", tmp_path / "latin1.jsonl"):
+        f.write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
+        with pytest.raises(ValueError, match=r"latin1\.\w+: not UTF-8 text"):
+            load_texts(f)
 
 
 def test_load_texts_jsonl_and_field(tmp_path):

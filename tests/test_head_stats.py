@@ -182,7 +182,7 @@ def test_intervene_reports_checked_and_fired_rows():
     assert all(r["checked"] == 2 * 5 for r in rep.values())  # last row of 5 calls, 2 samples
     assert sum(r["checked"] for r in rep.values()) == eager_rule.STATE["checked"]
     assert sum(r["fired"] for r in rep.values()) == eager_rule.STATE["fired"] > 0
-    never = HeadIntervention(adaptive=AdaptiveRule(heads=[(0, 1)], segment=1, threshold=1.01), segment_starts=[0, 3])
+    never = HeadIntervention(adaptive=AdaptiveRule(heads=[(0, 1)], segment=1, threshold=1.0), segment_starts=[0, 3])
     with torch.no_grad(), intervene(model, never) as run2:
         model(input_ids=ids)
     assert run2.rule_report() == {(0, 1): {"checked": 2, "fired": 0}}

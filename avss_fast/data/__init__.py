@@ -18,6 +18,7 @@ typing (``column_names`` plus ``obj[field]``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -68,8 +69,17 @@ def _describe(source: Any) -> str:
 
 
 def _texts_from_txt(path: Path) -> list[str]:
-    with path.open(encoding="utf-8") as fh:
+    with _utf8(path), path.open(encoding="utf-8") as fh:
         return [line.strip() for line in fh if line.strip()]
+
+
+@contextlib.contextmanager
+def _utf8(path: Path):
+    """A file that is not UTF-8 text: a ValueError naming it (the codec's own names none)."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
 
 
 def read_jsonl(path, *, expect: str = "") -> list[tuple[int, dict]]:
@@ -78,7 +88,7 @@ def read_jsonl(path, *, expect: str = "") -> list[tuple[int, dict]]:
     describes the fields wanted, for the message)."""
     path = Path(path)
     out = []
-    with path.open(encoding="utf-8") as fh:
+    with _utf8(path), path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
