@@ -51,50 +51,67 @@ ARG_TYPES = {
     "mask_ptr": "*i64", "thr_ptr": "*fp32", "colsum_ptr": "*fp32", "colcnt_ptr": "*i32",
     "rowpart_ptr": "*fp32", "cnt_ptr": "*i32", "T": "i32", "D": "i32", "rows_per_split": "i32",
     "stride_xb": "i64", "stride_xt": "i64", "stride_mb": "i64", "eps": "fp32",
+    # block_similarity
+    "cos_ptr": "*fp32", "status_ptr": "*i8", "stride_ab": "i64", "stride_at": "i64", "stride_bb": "i64",
+    "stride_bt": "i64",
 }
+#: Pointer parameters that take the activation dtype.
+DATA_PTRS = ("x_ptr", "a_ptr", "b_ptr")
 
 
 def signature(kernel, dtype: str) -> dict[str, str]:
     """The compile signature of ``kernel`` (a ``triton.jit`` function), its parameters in
     order, read from the kernel itself so that it cannot drift from the launcher."""
     return {p.name: "constexpr" if p.is_constexpr or p.name == "stride_mt"
-            else f"*{dtype}" if p.name == "x_ptr" else ARG_TYPES[p.name] for p in kernel.params}
+            else f"*{dtype}" if p.name in DATA_PTRS else ARG_TYPES[p.name] for p in kernel.params}
 
 
 DIVISIBLE = ("x_ptr", "mask_ptr", "thr_ptr", "colsum_ptr", "colcnt_ptr", "rowpart_ptr", "cnt_ptr", "T", "D",
-             "rows_per_split", "stride_xb", "stride_xt", "stride_mb")
+             "rows_per_split", "stride_xb", "stride_xt", "stride_mb",
+             "a_ptr", "b_ptr", "cos_ptr", "status_ptr", "stride_ab", "stride_at", "stride_bb", "stride_bt")
 _INSTR = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s*(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
 _LABEL = re.compile(r"^(\.L_x_\d+):")
 _BRANCH = re.compile(r"BRA\s+`\((\.L_x_\d+)\)")
 
 
 def compile_sass(dtype: str, block_t: int, block_d: int, warps: int, arch: int, mask: bool = False,
-                 threshold: str = "abs", ragged_t: bool = False, second: bool = False) -> tuple[str, int, int]:
+                 threshold: str = "abs", ragged_t: bool = False, second: bool = False,
+                 kernel_name: str = "layer_moments") -> tuple[str, int, int]:
     """(SASS text, registers per thread, stack bytes per thread) of one layout; ``mask``: with
     a padding mask; ``threshold``: "abs" (eps), "rel" (whole-row tiles, in-kernel rms) or
     "rel-prepass" (the pre-pass's thresholds); ``ragged_t``: T and the split not multiples
     of 16 (rows read by the span form, as a launch decides); ``second``: the second launch
-    (``_layer_moments_exact_kernel``: with a mask, the mask pass of ranges with holes)."""
+    (``_layer_moments_exact_kernel``: with a mask, the mask pass of ranges with holes);
+    ``kernel_name`` "block_similarity": ``_block_similarity_kernel`` instead (``mask`` and
+    the layout apply, the other options do not)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from kernels.block_similarity import _block_similarity_kernel
     from kernels.layer_moments import _layer_moments_exact_kernel, _layer_moments_kernel
 
-    kernel = _layer_moments_exact_kernel if second else _layer_moments_kernel
+    if kernel_name == "block_similarity":
+        kernel = _block_similarity_kernel
+    else:
+        kernel = _layer_moments_exact_kernel if second else _layer_moments_kernel
     sig = signature(kernel, dtype)
     names = list(sig)
     itemsize = {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
     # as layer_moments_partials decides; stride_mt = 1: a contiguous mask (Triton specialises
     # integer arguments equal to 1)
-    consts = {"stride_mt": 1, "HAS_MASK": mask, "USE_THR": threshold != "abs", "ROW_THR": threshold == "rel",
-              "EVEN_D": True, "BLOCK_T": block_t, "BLOCK_D": block_d,
-              "ROWS_IN_THREAD": block_d >= 32 * warps * (16 // itemsize)}
-    if second:
-        consts.update(PREFETCH_MASK=itemsize >= 4, EXACT_BLOCK_T=max(1, block_t // 4))
+    consts = {"stride_mt": 1, "HAS_MASK": mask, "BLOCK_T": block_t, "BLOCK_D": block_d}
+    if kernel_name == "block_similarity":
+        pass
+    elif second:
+        consts.update(USE_THR=threshold != "abs", ROW_THR=threshold == "rel", EVEN_D=True,
+                      ROWS_IN_THREAD=block_d >= 32 * warps * (16 // itemsize),
+                      PREFETCH_MASK=itemsize >= 4, EXACT_BLOCK_T=max(1, block_t // 4))
     else:
-        consts.update(ROWS="span" if mask or ragged_t else "all", SPAN_BLOCK=512 if mask else 1)  # as a launch
-    divisible = [a for a in DIVISIBLE if not (ragged_t and a in ("T", "rows_per_split"))]
+        consts.update(USE_THR=threshold != "abs", ROW_THR=threshold == "rel", EVEN_D=True,
+                      ROWS_IN_THREAD=block_d >= 32 * warps * (16 // itemsize),
+                      ROWS="span" if mask or ragged_t else "all", SPAN_BLOCK=512 if mask else 1)  # as a launch
+    divisible = [a for a in DIVISIBLE if a in sig and not (ragged_t and a in ("T", "rows_per_split"))]
     src = ASTSource(
         fn=kernel, signature=sig,
         constexprs={(names.index(k),): v for k, v in consts.items()},
@@ -112,11 +129,13 @@ def compile_sass(dtype: str, block_t: int, block_d: int, warps: int, arch: int, 
     return res.stdout, int(regs.group(1)) if regs else -1, int(stack.group(1)) if stack else -1
 
 
-def hot_loop(sass: str) -> tuple[dict[str, int], list[int]]:
-    """Opcode counts of the largest loop: the fast pass over the tiles (with a mask, after
-    the loop that reads the range's mask); and the positions of its global loads in the
-    loop's instructions. A loop is a backward branch's range, merged with the ranges it
-    overlaps (ptxas may lay one loop out as two overlapping back edges)."""
+def hot_loop(sass: str, which: str = "largest") -> tuple[dict[str, int], list[int]]:
+    """Opcode counts of the largest loop (``which="largest"``: layer_moments' fast pass over
+    the tiles; with a mask, after the loop that reads the range's mask) or of the first
+    loop of more than 16 instructions (``"first"``: block_similarity's pass, before the rare
+    rescaled one); and the positions of its global loads in the loop's instructions. A loop
+    is a backward branch's range, merged with the ranges it overlaps (ptxas may lay one
+    loop out as two overlapping back edges)."""
     lines = sass.splitlines()
     labels = {m.group(1): i for i, ln in enumerate(lines) if (m := _LABEL.match(ln))}
     ranges = sorted((labels[m.group(1)], i) for i, ln in enumerate(lines)
@@ -129,7 +148,10 @@ def hot_loop(sass: str) -> tuple[dict[str, int], list[int]]:
             loops.append([start, end])
     if not loops:
         raise RuntimeError("no loop found in the SASS")
-    best = max(loops, key=lambda r: r[1] - r[0])
+    if which == "first":
+        best = next((r for r in loops if r[1] - r[0] > 16), loops[0])
+    else:
+        best = max(loops, key=lambda r: r[1] - r[0])
     ops: dict[str, int] = {}
     loads = []
     for body in lines[best[0] : best[1] + 1]:
@@ -154,10 +176,14 @@ def main() -> int:
                     help="T and the split not multiples of 16 (the span form's loop, as a launch takes it)")
     ap.add_argument("--second", action="store_true",
                     help="the second launch (with --mask: the mask pass of ranges with holes; its largest loop)")
+    ap.add_argument("--kernel", default="layer_moments", choices=["layer_moments", "block_similarity"],
+                    help="the kernel to compile (block_similarity: --mask and the layouts apply; its first loop)")
     ap.add_argument("--json", help="write the rows here too")
     args = ap.parse_args()
     rows = []
-    print(f"sm_{args.arch}: fast-pass loop of _layer_moments_kernel, per activation value (thread instructions;"
+    loop = "first loop of _block_similarity_kernel" if args.kernel == "block_similarity" else \
+        "fast-pass loop of _layer_moments_kernel"
+    print(f"sm_{args.arch}: {loop}, per activation value (thread instructions;"
           " with a mask or --ragged-t the loop holds two forms of the tile's loads, whole and partial tiles);"
           " ld spread: instructions from the first to the last of a tile's loads (small: back to back)")
     print(f"{'dtype':>5} {'T':>3} {'D':>5} {'warps':>5} {'regs':>4} {'stack':>5} {'prog/SM':>7} {'instr/value':>11}"
@@ -171,8 +197,8 @@ def main() -> int:
                 continue  # a real launch takes the in-kernel threshold only when a chunk holds whole rows
             try:
                 sass, regs, stack = compile_sass(dtype, block_t, block_d, warps, args.arch, args.mask, args.threshold,
-                                                 args.ragged_t, args.second)
-                ops, loads = hot_loop(sass)
+                                                 args.ragged_t, args.second, args.kernel)
+                ops, loads = hot_loop(sass, "first" if args.kernel == "block_similarity" else "largest")
             except Exception as e:  # noqa: BLE001 - a layout that does not compile is reported, not fatal
                 print(f"{dtype:>5} {block_t:>3} {block_d:>5} {warps:>5}  failed: {type(e).__name__}: {str(e)[:80]}")
                 continue

@@ -86,3 +86,20 @@ def nan_filled_empty(monkeypatch):
         return out if out.dtype == torch.bool else out.fill_(-12345)
 
     monkeypatch.setattr(torch, "empty", empty)
+
+
+def similarity_overflow_case(dtype):
+    """(a, b, cos) for block_similarity: [2, 5, 40] rows of finite values whose fp32 squares
+    overflow in one vector, in both, or near FLT_MAX, beside ordinary rows of the same tile;
+    ``cos`` the float64 per-row cosines [10]."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(2, 5, 40, generator=g)
+    b = a + 0.3 * torch.randn(2, 5, 40, generator=g)
+    a[0, 1] *= 3e19  # |a|^2 overflows, b ordinary
+    b[0, 1] *= 2e-3
+    a[0, 3] *= 1e25  # both overflow
+    b[0, 3] *= -4e24
+    b[1, 2] *= 5e36  # only b, near the top of the range
+    a, b = a.to(dtype), b.to(dtype)
+    cos = torch.nn.functional.cosine_similarity(a.double().flatten(0, 1), b.double().flatten(0, 1), dim=-1)
+    return a, b, cos

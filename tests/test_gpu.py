@@ -11,7 +11,13 @@ kernels under the interpreter.
 
 import pytest
 import torch
-from conftest import assert_close_verbose, assert_moments_close, layer_moments_fast_kernel_only, nan_filled_empty
+from conftest import (
+    assert_close_verbose,
+    assert_moments_close,
+    layer_moments_fast_kernel_only,
+    nan_filled_empty,
+    similarity_overflow_case,
+)
 
 from avss_fast import ops, reference
 
@@ -129,6 +135,16 @@ def test_layer_moments_cuda_spans_and_holes(tiles, dtype, monkeypatch):
     rowpart = parts["rowpart"].cpu().view(B, T, -1, 3)
     assert (rowpart[mask == 0] == 0).all()  # padding stored as empty rows, skipped tiles too
     assert (rowpart[[0, 1, 3]][mask[[0, 1, 3]] != 0][..., 0] > 0).all()  # every valid row of a span read
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_block_similarity_cuda_values_whose_squares_overflow_fp32(dtype):
+    """GPU twin of test_ops.test_block_similarity_values_whose_squares_overflow_fp32: the
+    rescaled second pass of a tile."""
+    a, b, cos = similarity_overflow_case(dtype)
+    got = ops.block_similarity(a.cuda(), b.cuda()).to("cpu")
+    assert got.raw()["tokens"] == 10 and got.raw()["nonfinite"] == 0
+    assert got.cos_sum == pytest.approx(float(cos.sum()), abs=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -1,4 +1,5 @@
-"""The layer_moments kernels compile for an H100 (sm_90) on this CPU-only machine.
+"""The layer_moments and block_similarity kernels compile for an H100 (sm_90) on this
+CPU-only machine.
 
 The interpreter runs the kernels' Python, not Triton's compiler: a type mismatch between
 the branches of a runtime ``if``, a constexpr the frontend rejects, or a tile that spills
@@ -33,12 +34,14 @@ CASES = {
     "second_rel": ["--second", "--mask", "--threshold", "rel", "--layouts", "2x4096x8,1x4096x8"],
     "second_nomask": ["--second", "--layouts", "8x1024x4,8x256x4"],  # the exact pass alone
     "fp16_mask": ["--mask", "--dtype", "fp16", "--layouts", "8x1024x4"],
+    # block_similarity's GPU layout ([16 x 512] x 8 warps) and its rare rescaled second pass
+    "block_similarity": ["--kernel", "block_similarity", "--mask", "--layouts", "16x512x8"],
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
-def test_layer_moments_compiles_for_sm90(case, tmp_path):
+def test_kernels_compile_for_sm90(case, tmp_path):
     out = tmp_path / "sass.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
@@ -56,7 +59,11 @@ def test_layer_moments_compiles_for_sm90(case, tmp_path):
     # compiled, and no register spill in the fast kernel; the second launch (rare: holes or
     # a NaN) may spill a little: with the relative threshold and a mask, bf16 whole rows
     # take 128 registers and an 8-byte stack (sm_90, Triton 3.9)
-    max_stack = 16 if "--second" in CASES[case] else 0
+    # block_similarity's fp32 layout (189 registers at 8 warps) has had an 8-byte stack since
+    # before the rescaled pass, which changed neither its stack nor its programs per SM
+    max_stack = 16 if "--second" in CASES[case] or "--kernel" in CASES[case] else 0
     for row in rows:
         assert row["registers"] > 0 and row["stack"] <= max_stack, row
-        assert row["ops"].get("LDG", 0) > 0 and row["ops"].get("STG", 0) > 0, row  # the loop reads and stores
+        assert row["ops"].get("LDG", 0) > 0, row  # the loop reads
+        if "--kernel" not in CASES[case]:  # layer_moments stores each tile's rows (block_similarity once, after)
+            assert row["ops"].get("STG", 0) > 0, row

@@ -6,7 +6,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close_verbose, assert_moments_close, layer_moments_fast_kernel_only, nan_filled_empty
+from conftest import (
+    assert_close_verbose,
+    assert_moments_close,
+    layer_moments_fast_kernel_only,
+    nan_filled_empty,
+    similarity_overflow_case,
+)
 
 from avss_fast import ops, reference
 from avss_fast.stats import Moments
@@ -210,18 +216,8 @@ def test_block_similarity_extremes(backend):
 def test_block_similarity_values_whose_squares_overflow_fp32(backend, dtype):
     """Finite values past sqrt(FLT_MAX) (~1.8e19) in one or both vectors, beside ordinary
     rows in the same tile: each row's cosine as in float64, nothing counted non-finite."""
-    g = torch.Generator().manual_seed(3)
-    a = torch.randn(2, 5, 40, generator=g)
-    b = a + 0.3 * torch.randn(2, 5, 40, generator=g)
-    a[0, 1] *= 3e19  # |a|^2 overflows, b ordinary
-    b[0, 1] *= 2e-3
-    a[0, 3] *= 1e25  # both overflow
-    b[0, 3] *= -4e24
-    b[1, 2] *= 5e36  # only b, near the top of the range
-    a, b = a.to(dtype), b.to(dtype)
+    a, b, cos = similarity_overflow_case(dtype)
     got = ops.block_similarity(a, b)
-    a64, b64 = a.double().flatten(0, 1), b.double().flatten(0, 1)
-    cos = torch.nn.functional.cosine_similarity(a64, b64, dim=-1)
     assert got.raw()["tokens"] == 10 and got.raw()["nonfinite"] == 0
     assert got.cos_sum == pytest.approx(float(cos.sum()), abs=1e-5)
     assert got.angular_sum == pytest.approx(float((torch.arccos(cos.clamp(-1, 1)) / math.pi).sum()), abs=1e-3)
