@@ -28,6 +28,7 @@ pass per target through differentiable gates at the attention output projection.
 from __future__ import annotations
 
 import copy
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -43,12 +44,26 @@ SCORES = ("prob_diff", "log_prob_diff", "abs_prob_diff")
 POSITIONS = ("target", "all")
 
 
-def _score(p: torch.Tensor, p_abl: torch.Tensor, score: str) -> torch.Tensor:
-    if score == "prob_diff":
-        return p - p_abl
-    if score == "abs_prob_diff":
-        return (p - p_abl).abs()
-    return torch.log(p) - torch.log(p_abl)
+def _score(lp: torch.Tensor, lp_abl: torch.Tensor, score: str) -> torch.Tensor:
+    """The effect from the log-probabilities of the target (unchanged, ablated): taken in
+    log space for ``log_prob_diff``, so that a probability below fp32's range (log p <
+    ~-104) still gives a finite difference."""
+    if score == "log_prob_diff":
+        return lp - lp_abl
+    d = lp.exp() - lp_abl.exp()
+    return d.abs() if score == "abs_prob_diff" else d
+
+
+def _target_pair(t) -> tuple[int, int]:
+    """A (sample, position) pair of whole numbers (Python or NumPy ints, 0-d integer tensors)."""
+    try:
+        pair = tuple(t)
+    except TypeError:
+        pair = ()
+    vals = [x.item() if isinstance(x, torch.Tensor) and x.numel() == 1 else x for x in pair]
+    if len(vals) != 2 or not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in vals):
+        raise ValueError(f"a target must be a (sample, position) pair of integers, got {t!r}")
+    return int(vals[0]), int(vals[1])
 
 
 def _check_inputs(model, input_ids, targets, attention_mask, score, positions, batch_size):
@@ -68,7 +83,7 @@ def _check_inputs(model, input_ids, targets, attention_mask, score, positions, b
         mask = mask[None]
     if mask.shape != ids.shape:
         raise ValueError(f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(ids.shape)}")
-    targets = [tuple(int(x) for x in t) for t in targets]
+    targets = [_target_pair(t) for t in targets]
     if not targets:
         raise ValueError("targets is empty: give (sample, position) pairs")
     B, T = ids.shape
@@ -90,8 +105,8 @@ def _sample_tokens(ids, mask, s: int, t: int) -> tuple[torch.Tensor, int]:
     return ids[s][keep], int(keep[:t].sum())
 
 
-def _probs(logits: torch.Tensor, token: int) -> torch.Tensor:
-    return torch.softmax(logits.float(), dim=-1)[..., token]
+def _log_probs(logits: torch.Tensor, token: int) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), dim=-1)[..., token]
 
 
 def _cache_arg(model) -> str:
@@ -109,16 +124,16 @@ def _returned_cache(out):
 
 
 def _baseline(model, tokens, pos: int, y: int, positions: str, kv_arg: str, layers_path):
-    """p(y) of the unchanged model at row pos - 1, and for positions "target" the KV cache of
+    """log p(y) of the unchanged model at row pos - 1, and for positions "target" the KV cache of
     the prefix (rows < pos - 1) that every ablation then continues from (None if empty)."""
     with intervene(model, HeadIntervention(), layers_path=layers_path):
         if positions != "target":
-            return _probs(model(input_ids=tokens[None, : pos + 1], use_cache=False).logits[0, pos - 1], y), None
+            return _log_probs(model(input_ids=tokens[None, : pos + 1], use_cache=False).logits[0, pos - 1], y), None
         cache = None
         if pos > 1:
             cache = _returned_cache(model(input_ids=tokens[None, : pos - 1], use_cache=True))
         row = tokens[None, pos - 1 : pos]
-        return _probs(model(input_ids=row, **{kv_arg: copy.deepcopy(cache)}).logits[0, -1], y), cache
+        return _log_probs(model(input_ids=row, **{kv_arg: copy.deepcopy(cache)}).logits[0, -1], y), cache
 
 
 def _heads(num_layers: int, num_heads: int) -> list[tuple[int, int]]:
@@ -149,7 +164,10 @@ def attribute_heads(
 ) -> torch.Tensor:
     """Effect of zeroing each (layer, head) on each target token: a float32 tensor
     [len(targets), L, H] (see the module docstring for the scores). Batched: ``batch_size``
-    ablated heads per forward pass."""
+    ablated heads per forward pass. Memory: with ``positions="target"`` each pass holds
+    ``batch_size`` copies of the prefix's KV cache (one per ablated head), so for long
+    prefixes on large models lower ``batch_size`` (e.g. 64 copies of a 4k-token cache of an
+    8B GQA model are ~32 GiB)."""
     ids, mask, targets = _check_inputs(model, input_ids, targets, attention_mask, score, positions, batch_size)
     _, blocks = find_layers(model, layers_path)
     L, H = len(blocks), _num_query_heads(model)
@@ -176,7 +194,7 @@ def attribute_heads(
                         kv.batch_repeat_interleave(c)
                     with intervene(model, HeadIntervention(gates=_one_head_gates(chunk)), layers_path=layers_path):
                         logits = model(input_ids=row[None].expand(c, 1), **{kv_arg: kv}, use_cache=kv is not None).logits
-                    effects.append(_score(p, _probs(logits[:, -1], y), score))
+                    effects.append(_score(p, _log_probs(logits[:, -1], y), score))
                     bar.update(1)
             else:
                 seq = tokens[: pos + 1][None]
@@ -184,7 +202,7 @@ def attribute_heads(
                     c = len(chunk)
                     with intervene(model, HeadIntervention(gates=_one_head_gates(chunk)), layers_path=layers_path):
                         logits = model(input_ids=seq.expand(c, -1), use_cache=False).logits
-                    effects.append(_score(p, _probs(logits[:, pos - 1], y), score))
+                    effects.append(_score(p, _log_probs(logits[:, pos - 1], y), score))
                     bar.update(1)
             out[i] = torch.cat(effects).float().cpu().reshape(L, H)
     return out
@@ -215,7 +233,7 @@ def attribute_heads_loop(model, input_ids, targets, *, attention_mask=None, scor
                     logits = model(input_ids=row[None], **{kv_arg: copy.deepcopy(cache)}).logits[0, -1]
                 else:
                     logits = model(input_ids=tokens[None, : pos + 1], use_cache=False).logits[0, pos - 1]
-            out[i, layer, h] = _score(p, _probs(logits, y), score).float().cpu()
+            out[i, layer, h] = _score(p, _log_probs(logits, y), score).float().cpu()
     return out
 
 
@@ -237,6 +255,9 @@ def estimate_head_effects(
     the estimate of ``p - p_lh`` is ``G[l, t-1, h]`` for positions "target" and
     ``sum_i G[l, i, h]`` for "all" (log-probabilities for ``log_prob_diff``; absolute
     values for ``abs_prob_diff``)."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("estimate_head_effects needs a backward pass, which torch.inference_mode() forbids: "
+                           "call it outside inference_mode (no_grad is fine)")
     ids, mask, targets = _check_inputs(model, input_ids, targets, attention_mask, score, positions, 1)
     _, blocks = find_layers(model, layers_path)
     L, H = len(blocks), _num_query_heads(model)
@@ -284,24 +305,31 @@ def rank_heads(effects: torch.Tensor, hallucinated: Sequence[bool], *, top_k: in
     """Contrast of two event sets: ``score[l, h] = mean over hallucinated events of effect
     - mean over correct events``. Returns ``{"hal_heads": up to top_k pairs with score > 0,
     highest first, "non_hal_heads": up to top_k pairs with score < 0, lowest first, "scores": [[L x H]], "events": counts}``,
-    the format ``avss-fast generate --heads-from`` reads."""
+    the format ``avss-fast generate --heads-from`` reads; tied scores list the lower
+    (layer, head) first in both lists. Non-finite effects are an error."""
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
+        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
     eff = torch.as_tensor(effects, dtype=torch.float64)
     labels = torch.as_tensor(list(hallucinated), dtype=torch.bool)
     if eff.dim() != 3 or eff.shape[0] != labels.shape[0]:
         raise ValueError(f"effects must be [events, L, H] with one label per event, got {tuple(eff.shape)} "
                          f"and {labels.shape[0]} labels")
+    if not torch.isfinite(eff).all():
+        bad = torch.nonzero(~torch.isfinite(eff))[0].tolist()
+        raise ValueError(f"effects hold non-finite values (first at event {bad[0]}, layer {bad[1]}, head {bad[2]}): "
+                         "a head's score would be NaN and drop out of both lists")
     n_hal, n_ok = int(labels.sum()), int((~labels).sum())
     if n_hal == 0 or n_ok == 0:
         raise ValueError(f"both event sets must be non-empty (hallucinated: {n_hal}, correct: {n_ok})")
     scores = eff[labels].mean(0) - eff[~labels].mean(0)  # [L, H]
     L, H = scores.shape
-    order = torch.argsort(scores.flatten(), descending=True, stable=True).tolist()
-    k = min(top_k, L * H)
-    pairs = [[i // H, i % H] for i in order]
     flat = scores.flatten()
+    down = torch.argsort(flat, descending=True, stable=True).tolist()  # ties: lower (layer, head) first
+    up = torch.argsort(flat, stable=True).tolist()
+    k = min(top_k, L * H)
     return {
-        "hal_heads": [p for p, i in zip(pairs, order) if flat[i] > 0][:k],
-        "non_hal_heads": [p for p, i in zip(pairs[::-1], order[::-1]) if flat[i] < 0][:k],
+        "hal_heads": [[i // H, i % H] for i in down if flat[i] > 0][:k],
+        "non_hal_heads": [[i // H, i % H] for i in up if flat[i] < 0][:k],
         "scores": scores.tolist(),
         "events": {"hallucinated": n_hal, "correct": n_ok},
     }

@@ -66,20 +66,23 @@ def _pick_device(name: str):
 
 
 def check_out(path: str, kind: str) -> Path:
-    """Make ``--out`` usable before any work is done: ``kind`` "dir" (created; an existing
-    file is an error) or "file" (its folder created; an existing directory is an error)."""
-    p = Path(path)
-    folder = p if kind == "dir" else p.parent
+    """Make sure ``--out`` can be written before any work is done, without creating
+    anything (the writers create the folders): ``kind`` "dir" (an existing file is an
+    error) or "file" (an existing directory is an error); the nearest existing folder
+    above it must be a writable directory."""
+    p = Path(path).expanduser()
     if kind == "dir" and p.exists() and not p.is_dir():
         raise CLIError(f"--out {path!r} is a file; give a directory (the outputs are written into it)")
     if kind == "file" and p.is_dir():
         raise CLIError(f"--out {path!r} is a directory; give a file name, e.g. {p / 'heads.json'}")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CLIError(f"--out {path!r}: cannot create {str(folder)!r}: {e.strerror or e}") from None
-    if not os.access(folder, os.W_OK):
-        raise CLIError(f"--out {path!r}: {str(folder)!r} is not writable")
+    folder = p if kind == "dir" else p.parent
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CLIError(f"--out {path!r}: {str(existing)!r} is a file, so no folder can be made under it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {path!r}: {str(existing)!r} is not writable")
     return p
 
 
@@ -93,8 +96,12 @@ def load_model(path: str, *, device: str = "auto", dtype: str = "auto"):
 
     hf_logging.disable_progress_bar()  # the weight-loading bar; ours show the real work
 
+    if path.startswith("~"):
+        path = str(Path(path).expanduser())
     local = Path(path).is_dir()
-    if not local and (Path(path).exists() or path.startswith(("/", "./", "../", "~")) or os.sep + os.sep in path):
+    if not local and Path(path).exists():
+        raise CLIError(f"--model {path!r} is a file; give the model's directory (or a hub name)")
+    if not local and path.startswith(("/", "./", "../")):
         raise CLIError(f"--model {path!r}: no such model directory")
     kw = {"local_files_only": True} if local else {}
     try:

@@ -34,14 +34,15 @@ def cmd_attention_stats(args) -> int:
         raise CLIError("no texts to run")
     model, tok = load_model(model_path, device=args.device, dtype=args.dtype)
     starts = None if args.segment_starts is None else parse_segment_starts(args.segment_starts)
-    if starts is not None and starts[-1] >= args.max_length:
+    max_length = fit_max_length(model, args.max_length)
+    if starts is not None and starts[-1] >= max_length:
         raise CLIError(f"--segment-starts: segment {len(starts) - 1} starts at token {starts[-1]}, but no text is "
-                       f"longer than --max-length {args.max_length}: it would be empty")
+                       f"longer than {max_length} tokens (--max-length, or the model's positions): it would be empty")
     try:
         scorer = HeadScorer(model, segment_starts=starts)
     except ValueError as e:
         raise CLIError(str(e)) from e
-    batches = iter_batches(texts, tok, batch_size=args.batch_size, max_length=fit_max_length(model, args.max_length))
+    batches = iter_batches(texts, tok, batch_size=args.batch_size, max_length=max_length)
     try:
         with torch.inference_mode(), scorer:
             for batch in tqdm(batches, total=num_batches(texts, args.batch_size), desc="attention stats",

@@ -80,6 +80,9 @@ def _intervention(args, pairs, starts):
         return (HeadIntervention(reweight={p: {segment: scale} for p in pairs}, segment_starts=starts),
                 f"reweight segment {segment} x {scale:g} on every query row")
     scale = 0.0 if args.scale is None else args.scale
+    if not 0.0 <= args.threshold <= 1.0:
+        raise CLIError(f"--threshold {args.threshold:g}: a head's mass on the segment is in [0, 1], so the rule "
+                       "would always or never fire; give a value in [0, 1]")
     rule = AdaptiveRule(heads=pairs, segment=segment, threshold=args.threshold, scale=scale, rows="last")
     return (HeadIntervention(adaptive=rule, segment_starts=starts),
             f"adaptive: last row's mass on segment {segment} >= {args.threshold:g} -> x {scale:g}")

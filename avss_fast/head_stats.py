@@ -222,10 +222,12 @@ class HeadReport:
         return m
 
     def ranking(self, stat: str, *, segment: int | None = None, descending: bool = True) -> list[tuple[int, int]]:
-        """(layer, head) pairs ordered by the mean of ``stat`` (largest first by default)."""
-        m = self.mean(stat, segment)
-        order = torch.argsort(m.flatten(), descending=descending, stable=True).tolist()
-        H = m.shape[1]
+        """(layer, head) pairs ordered by the mean of ``stat`` (largest first by default;
+        heads without a mean, NaN, go last; ties in (layer, head) order)."""
+        m = self.mean(stat, segment).flatten()
+        key = torch.where(torch.isnan(m), torch.tensor(float("inf")), -m if descending else m)
+        order = torch.argsort(key, stable=True).tolist()
+        H = self.mean(stat, segment).shape[1]
         return [(self.layers[i // H], i % H) for i in order]
 
     def to_dict(self) -> dict:

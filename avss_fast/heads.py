@@ -269,8 +269,9 @@ def valid_query_rows(mask: torch.Tensor | None, B: int, Sq: int, Sk: int) -> tor
     static one) the mask is causal, so row ``i`` sees no key past ``i + offset`` and a real
     row sees exactly that one: ``offset = max_i (last key row i sees, in any sample) - i``,
     which holds as long as one row of the batch is real in some sample (the last row alone
-    is not enough: right padding can make it padding in every sample). On the device, no
-    synchronisation."""
+    is not enough: right padding can make it padding in every sample). Only self-attention
+    masks are read this way: under cross-attention (an encoder-decoder's) the rows are not
+    on a diagonal and the result is meaningless. On the device, no synchronisation."""
     if mask is None:
         return None
     if mask.dim() == 2:  # [B, Sk] key mask: one query row (decoding), real if it sees any key
@@ -280,8 +281,11 @@ def valid_query_rows(mask: torch.Tensor | None, B: int, Sq: int, Sk: int) -> tor
         keys = rows
     else:
         seen = mask[:, 0].to(torch.bool).any(0)  # [Sq, Sk]: keys some sample's row i sees
-        last = (seen * torch.arange(1, Sk + 1, device=mask.device)).amax(-1) - 1  # [Sq], -1: none
-        keys = rows + (last - rows).amax()
+        last = (Sk - 1) - seen.flip(-1).to(torch.int8).argmax(-1)  # [Sq]; rows seeing nothing: compared below
+        last = torch.where(seen.any(-1), last, -1)
+        # clamped to [0, Sk - Sq]: a mask that is not causal (cross-attention, or a prefix seen
+        # bidirectionally) would otherwise overshoot; its rows cannot be read off a diagonal
+        keys = rows + (last - rows).amax().clamp(0, Sk - Sq)
     return mask[:, 0, rows, keys].to(torch.bool).expand(B, Sq)
 
 

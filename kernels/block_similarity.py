@@ -4,8 +4,9 @@ For each token t (rows of the flattened [B*T, D] views) one pass over d accumula
 in fp32, ``dot = sum a_d b_d``, ``|a|^2`` and ``|b|^2`` and counts non-finite values.
 Epilogue: ``cos = dot / max(|a| |b|, eps)`` clamped to [-1, 1], and a status per row:
 1 = counted, 0 = padding, -1 = a NaN/Inf in either vector (skipped). A tile with a row of
-finite values whose squares overflow fp32 (|h| > ~1.8e19) is read once more with that row
-scaled by 2^-80 (a branch taken only then), as the CPU path redoes such rows in float64.
+finite values whose sum of squares overflows fp32 (|h| from ~1.8e19 / sqrt(D) up) is read
+once more with that row scaled by 2^-80 (a branch taken only then), as the CPU path redoes
+such rows in float64.
 
 The arccos and the float64 sums over rows (B*T values, tiny next to B*T*D) are done
 by the caller with device tensor ops, since Triton has no arccos without libdevice.
@@ -67,18 +68,20 @@ def _block_similarity_kernel(
     b_base = b_ptr + pid_b * stride_bb + offs_t[:, None] * stride_bt
     one = tl.full([BLOCK_T], 1.0, dtype=tl.float32)
     dot, na, nb, bad = _row_sums(a_base, b_base, row_ok, D, one, one, BLOCK_T, BLOCK_D, SCALED=False)
-    # Finite values whose fp32 squares overflow (|h| > ~1.8e19): the tile is read again
-    # with such a row scaled by 2^-80 (the cosine does not change with scale; squares of
-    # scaled values stay below ~7.9e28, and a row's norm this large makes the values the
-    # scale sends below fp32's range negligible).
+    # Finite values whose fp32 sum of squares overflows (|h| from ~1.8e19 / sqrt(D) up): the
+    # tile is read again with such a row scaled by 2^-80 (the cosine does not change with
+    # scale; squares of scaled values stay below ~7.9e28, and a row's norm this large makes
+    # the values the scale sends below fp32's range negligible).
     big_a = na > FLT_MAX
     big_b = nb > FLT_MAX
     over = row_ok & (bad == 0) & (big_a | big_b)
+    floor = tl.full([BLOCK_T], eps, dtype=tl.float32)
     if tl.max(over.to(tl.int32), axis=0) > 0:
         sa = tl.where(big_a, 8.271806125530277e-25, 1.0)  # 2^-80
         sb = tl.where(big_b, 8.271806125530277e-25, 1.0)
         dot, na, nb, bad = _row_sums(a_base, b_base, row_ok, D, sa, sb, BLOCK_T, BLOCK_D, SCALED=True)
-    denom = tl.maximum(tl.sqrt(na) * tl.sqrt(nb), eps)
+        floor = floor * sa * sb  # the eps of the unscaled norms (cos does not change with scale)
+    denom = tl.maximum(tl.sqrt(na) * tl.sqrt(nb), floor)
     cos = tl.minimum(tl.maximum(dot / denom, -1.0), 1.0)
     status = tl.where(row_ok, tl.where(bad > 0, -1, 1), 0)
     rows = pid_b * T + offs_t

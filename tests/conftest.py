@@ -100,6 +100,8 @@ def similarity_overflow_case(dtype):
     a[0, 3] *= 1e25  # both overflow
     b[0, 3] *= -4e24
     b[1, 2] *= 5e36  # only b, near the top of the range
+    b[1, 4] = a[1, 4] * 1e-6 + 1e-7 * b[1, 4]  # |b| ~ 6e-6: the eps floor must scale with the rescaled a
+    a[1, 4] *= 2e19
     a, b = a.to(dtype), b.to(dtype)
     cos = torch.nn.functional.cosine_similarity(a.double().flatten(0, 1), b.double().flatten(0, 1), dim=-1)
     return a, b, cos

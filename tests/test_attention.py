@@ -134,6 +134,8 @@ def test_input_errors():
         masked_attention(q, k, v, scaling=1.0, segment_starts=[0, 1, 2, 3, 4])
     with pytest.raises(ValueError, match="non-decreasing"):
         masked_attention(q, k, v, scaling=1.0, segment_starts=[0, 3, 2])
+    with pytest.raises(ValueError, match=">= 0"):
+        masked_attention(q, k, v, scaling=1.0, segment_starts=[-3, 2])
     with pytest.raises(ValueError, match="needs segment_starts"):
         masked_attention(q, k, v, scaling=1.0, segment_scale=torch.ones(4, 1))
     with pytest.raises(ValueError, match="head_gate"):

@@ -1,6 +1,7 @@
 """attribute_heads (batched ablation) against the one-head-at-a-time loop; the gradient
 screen against finite differences; the contrast ranking; errors."""
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import make_tiny
@@ -116,6 +117,45 @@ def test_rank_heads_contrast():
     assert res["events"] == {"hallucinated": 2, "correct": 2}
     with pytest.raises(ValueError, match="non-empty"):
         rank_heads(eff, [True] * 4)
+    for k in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="top_k"):
+            rank_heads(eff, [True, True, False, False], top_k=k)
+    bad = eff.clone()
+    bad[1, 0, 1] = float("nan")
+    with pytest.raises(ValueError, match="non-finite.*event 1, layer 0, head 1"):
+        rank_heads(bad, [True, True, False, False])
+
+
+def test_rank_heads_ties_list_lower_heads_first_in_both_lists():
+    eff = torch.zeros(2, 2, 2)
+    eff[0] = 1.0  # every head +1 on the hallucinated event
+    eff[1, 1] = 3.0  # layer 1's heads also +3 on the correct one: -2, tied
+    res = rank_heads(eff, [True, False], top_k=4)
+    assert res["hal_heads"] == [[0, 0], [0, 1]] and res["non_hal_heads"] == [[1, 0], [1, 1]]
+    assert rank_heads(eff, [True, False], top_k=1)["non_hal_heads"] == [[1, 0]]
+
+
+def test_log_prob_diff_stays_finite_where_probabilities_underflow():
+    """A target with log p ~ -900 (p = 0 in fp32): the log-probability difference is taken in
+    log space, as a float64 computation of the same ablation gives."""
+    model = make_tiny("llama", num_layers=2, heads=4, kv_heads=2, vocab=100)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3000.0)
+    ids = _ids(B=1, T=6, seed=2)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, 4].double()
+    y = int(logits.argmin())  # the least likely token as the target
+    ids[0, 5] = y
+    eff = attribute_heads(model, ids, [(0, 5)], score="log_prob_diff", positions="all")
+    assert torch.isfinite(eff).all()
+
+    def logp(gates):
+        with torch.no_grad(), intervene(model, HeadIntervention(gates=gates)):
+            return float(torch.log_softmax(model(input_ids=ids).logits[0, 4].double(), -1)[y])
+
+    base = logp({})
+    assert base < -200  # far below fp32's smallest probability
+    assert float(eff[0, 1, 2]) == pytest.approx(base - logp({(1, 2): 0.0}), rel=1e-4, abs=1e-3)
 
 
 @pytest.mark.parametrize(
@@ -136,6 +176,21 @@ def test_errors(kw, match):
     targets = kw.pop("targets")
     with pytest.raises(ValueError, match=match):
         attribute_heads(model, _ids(), targets, **kw)
+
+
+def test_targets_must_be_integer_pairs():
+    model = make_tiny("llama", num_layers=2, vocab=100)
+    for bad in ([(0, 7.9)], [(0.0, 3)], [(0, 3, 1)], [3]):
+        with pytest.raises(ValueError, match="pair of integers"):
+            attribute_heads(model, _ids(), bad)
+    ok = attribute_heads(model, _ids(), [(torch.tensor(0), np.int64(3))])
+    assert torch.equal(ok, attribute_heads(model, _ids(), [(0, 3)]))
+
+
+def test_gradient_screen_refuses_inference_mode():
+    model = make_tiny("llama", num_layers=2, vocab=100)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        estimate_head_effects(model, _ids(), [(0, 3)])
 
 
 def test_encoder_is_refused():

@@ -62,17 +62,29 @@ def test_unusable_out_fails_before_any_work(tmp_path, capsys, command, monkeypat
     """A file where a directory goes (a directory where heads writes its JSON) is an error
     before the model is even loaded."""
     import avss_fast.cli as cli
+    import avss_fast.cli_attention_stats as cli_as
+    import avss_fast.cli_hallucination as cli_hal
+    import avss_fast.cli_heads as cli_heads
 
     def no_loading(*a, **k):
         raise AssertionError("the model was loaded before --out was checked")
 
-    monkeypatch.setattr(cli, "load_model", no_loading)
+    for module in (cli, cli_as, cli_hal, cli_heads):  # each binds load_model at import
+        monkeypatch.setattr(module, "load_model", no_loading)
     (tmp_path / "afile").write_text("x")
     out = tmp_path / ("adir" if command == "heads" else "afile")
     out.mkdir(exist_ok=True) if command == "heads" else None
     assert main([command, "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert ("is a directory" if command == "heads" else "is a file") in err and "Traceback" not in err
+    assert main([command, "--out", str(tmp_path / "afile" / "deeper"), "--quiet"]) == 2
+    assert "no folder can be made under it" in capsys.readouterr().err
+
+
+def test_out_is_not_created_by_a_run_that_fails(tmp_path, capsys):
+    out = tmp_path / "x" / "deep"
+    assert main(["score", "--model", str(tmp_path / "nowhere"), "--out", str(out), "--quiet"]) == 2
+    assert "no such model directory" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_unusable_model_and_device_are_one_line_errors(tmp_path, capsys):

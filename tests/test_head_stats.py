@@ -269,3 +269,10 @@ def test_rule_report_counts_only_real_rows_for_rows_all():
         model(input_ids=ids, attention_mask=am)
     rep = run.rule_report()[(1, 1)]
     assert rep["checked"] == int(am.sum()) == rep["fired"]  # threshold 0: every real row fires
+
+
+def test_report_ranking_puts_heads_without_a_mean_last():
+    rep = HeadReport(layers=[0], rows=[[3, 3, 0]], num_segments=0,
+                     stats={"entropy": {"mean": [[0.5, 2.0, float("nan")]], "var": [[0.1, 0.1, float("nan")]]}})
+    assert rep.ranking("entropy") == [(0, 1), (0, 0), (0, 2)]
+    assert rep.ranking("entropy", descending=False) == [(0, 0), (0, 1), (0, 2)]

