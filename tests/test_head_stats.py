@@ -225,6 +225,17 @@ def test_valid_query_rows_finds_the_diagonal(case):
         assert torch.equal(got, am2[:, offset: offset + Sq].bool())
 
 
+def test_valid_query_rows_does_not_index_past_a_cross_attention_mask():
+    """Under cross-attention (decoder rows, encoder keys: no diagonal) the rows cannot be
+    read off the mask; the offset is clamped so that it never indexes past the keys."""
+    from avss_fast.heads import valid_query_rows
+
+    enc = torch.ones(2, 10, dtype=torch.bool)
+    enc[1, 7:] = False
+    mask = enc[:, None, None, :].expand(2, 1, 4, 10)
+    assert valid_query_rows(mask, 2, 4, 10).shape == (2, 4)
+
+
 def test_valid_query_rows_bidirectional_mask():
     """An encoder's mask (padding rows still see every real key) with every sample padded
     at the end: the rows are the real tokens, not shifted."""
