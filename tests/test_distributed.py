@@ -218,16 +218,19 @@ def head_model():
     return make_tiny("llama", num_layers=2, heads=4, kv_heads=2, vocab=100)
 
 
-def _head_work(rank: int) -> dict:
+def _head_work(rank: int, uneven: bool = False) -> dict:
+    """One rank's merged HeadScorer report: its share of the batch, or with ``uneven`` the
+    whole batch on rank 0 and nothing on rank 1 (its report must still join the merge)."""
     import torch
 
     from avss_fast.head_stats import HeadScorer
 
     model = head_model()
     ids, am = head_batch()
-    sl = rank_slice(rank)
+    sl = slice(None) if uneven else rank_slice(rank)
     with torch.no_grad(), HeadScorer(model, segment_starts=[0, 4]) as scorer:
-        model(input_ids=ids[sl], attention_mask=am[sl])
+        if not uneven or rank == 0:
+            model(input_ids=ids[sl], attention_mask=am[sl])
     return scorer.report().to_dict()  # merges the ranks: a process group is initialised
 
 
@@ -235,54 +238,38 @@ def _head_worker(rank: int, port: int, out_dir: str) -> None:
     _in_rank(rank, port, out_dir, _head_work)
 
 
-def _head_work_rank0_only(rank: int) -> dict:
-    """Rank 1 runs no batch (an uneven split): its report must still join the merge."""
-    import torch
+def _head_worker_rank0_only(rank: int, port: int, out_dir: str) -> None:
+    _in_rank(rank, port, out_dir, lambda r: _head_work(r, uneven=True))
 
+
+def _merged_and_whole(tmp_path, worker) -> tuple[dict, dict]:
+    """Both ranks' merged reports (asserted equal) and one process's report of the batch."""
     from avss_fast.head_stats import HeadScorer
 
+    _run_ranks(str(tmp_path), worker)
+    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert res[0] == res[1]
     model = head_model()
     ids, am = head_batch()
     with torch.no_grad(), HeadScorer(model, segment_starts=[0, 4]) as scorer:
-        if rank == 0:
-            model(input_ids=ids, attention_mask=am)
-    return scorer.report().to_dict()
-
-
-def _head_worker_rank0_only(rank: int, port: int, out_dir: str) -> None:
-    _in_rank(rank, port, out_dir, _head_work_rank0_only)
+        model(input_ids=ids, attention_mask=am)
+    return res[0], scorer.report(all_reduce=False).to_dict()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_head_scorer_merges_a_rank_without_data(tmp_path, monkeypatch):
     monkeypatch.setenv("AVSS_FAST_BACKEND", "torch")
-    from avss_fast.head_stats import HeadScorer
-
-    _run_ranks(str(tmp_path), _head_worker_rank0_only)
-    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
-    assert res[0] == res[1]
-    model = head_model()
-    ids, am = head_batch()
-    with torch.no_grad(), HeadScorer(model, segment_starts=[0, 4]) as scorer:
-        model(input_ids=ids, attention_mask=am)
-    assert res[0] == scorer.report(all_reduce=False).to_dict()  # merging an empty share is exact
+    merged, whole = _merged_and_whole(tmp_path, _head_worker_rank0_only)
+    assert merged == whole  # merging an empty share is exact
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_head_scorer_merges_ranks(tmp_path, monkeypatch):
     monkeypatch.setenv("AVSS_FAST_BACKEND", "torch")
-    from avss_fast.head_stats import HeadScorer
-
-    _run_ranks(str(tmp_path), _head_worker)
-    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
-    assert res[0] == res[1]
-    model = head_model()
-    ids, am = head_batch()
-    with torch.no_grad(), HeadScorer(model, segment_starts=[0, 4]) as scorer:
-        model(input_ids=ids, attention_mask=am)
-    whole = scorer.report(all_reduce=False).to_dict()
-    assert res[0]["rows"] == whole["rows"] and whole["rows"][0][0] == int(am.sum())
+    merged, whole = _merged_and_whole(tmp_path, _head_worker)
+    _, am = head_batch()
+    assert merged["rows"] == whole["rows"] and whole["rows"][0][0] == int(am.sum())
     for name, d in whole["stats"].items():
         for key in ("mean", "var"):
-            got, exp = torch.tensor(res[0]["stats"][name][key]), torch.tensor(d[key])
+            got, exp = torch.tensor(merged["stats"][name][key]), torch.tensor(d[key])
             assert torch.allclose(got, exp, rtol=1e-6, atol=1e-9), f"{name}.{key}"
