@@ -122,6 +122,10 @@ def cmd_generate(args) -> int:
         if not pairs:
             raise CLIError(f"--heads-from {args.heads_from!r}: the file names no heads "
                            "(an empty hal_heads list: no head scored above 0?)")
+        for layer, head in pairs:  # a file from another model: say which file and which head
+            if not (0 <= layer < num_layers and 0 <= head < num_heads):
+                raise CLIError(f"--heads-from {args.heads_from!r}: head ({layer}, {head}) is out of range for "
+                               f"this model's {num_layers} layers x {num_heads} heads (a file from another model?)")
     elif args.heads:
         pairs = parse_heads(args.heads, num_layers, num_heads)
     else:

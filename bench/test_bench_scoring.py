@@ -27,7 +27,7 @@ import time
 
 from conftest import record, record_times
 
-from avss_fast import Moments, Similarity, score_layers
+from avss_fast import score_layers
 from avss_fast import scoring as scoring_mod
 from avss_fast.data import default_corpus, iter_batches
 
@@ -100,8 +100,9 @@ def test_score_layers_hooks_only(benchmark, use_backend, minilm, monkeypatch):
     """Diagnostic: score_layers with layer_moments / block_similarity stubbed out."""
     use_backend("torch")
     model, batches = minilm
-    m0 = Moments.zeros()
-    s0 = Similarity.zeros()
+    h = torch.randn(1, 2, 4)
+    m0 = scoring_mod.ops.layer_moments(h)  # a constant with tokens (a report of no token is an error)
+    s0 = scoring_mod.ops.block_similarity(h, h)
     monkeypatch.setattr(scoring_mod.ops, "layer_moments", lambda *a, **k: m0)
     monkeypatch.setattr(scoring_mod.ops, "block_similarity", lambda *a, **k: s0)
 

@@ -87,6 +87,9 @@ def test_empty_heads_file_is_an_error(tmp_path, capsys):
     f.write_text(json.dumps({"hal_heads": [], "non_hal_heads": [[0, 1]]}))
     assert main(["generate", "--heads-from", str(f)]) == 2
     assert "names no heads" in capsys.readouterr().err
+    f.write_text(json.dumps({"hal_heads": [[1, 2], [99, 0]]}))
+    assert main(["generate", "--heads-from", str(f)]) == 2
+    assert "--heads-from" in (err := capsys.readouterr().err) and "head (99, 0) is out of range" in err
 
 
 def test_encoder_model_is_refused(capsys):
