@@ -101,9 +101,13 @@ RULES = ("lowest", "cumulative")
 TASKS = ("perplexity", "multiple_choice", "classification", "embedding")
 
 # Config attributes that name the number of blocks, tried in this order.
-_LAYER_COUNT_NAMES = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
+_LAYER_COUNT_NAMES = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers")
 # Config integers counting a prefix of layers of another kind (DeepSeek's dense layers).
 _PREFIX_COUNT_NAMES = ("first_k_dense_replace",)
+# Config lists of layer indices, whatever their length.
+_LAYER_INDEX_LISTS = frozenset({"mlp_only_layers", "moe_layers"})
+# Per-layer config lists whose entries are layer indices.
+_LAYER_VALUED_LISTS = ("kv_source_layers",)
 # Config lists that are never per-layer, whatever their length.
 _NOT_PER_LAYER = frozenset({"architectures", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
                             "forced_decoder_ids"})
@@ -307,17 +311,23 @@ def _layer_config_in(cfg: Any, n_old: int):
 
 
 def _per_layer_list_names(cfg: Any, n_old: int) -> list[str]:
-    """Config attributes holding one entry per layer: lists of length ``n_old``."""
+    """Config attributes holding one entry per layer: lists of length ``n_old`` that are not
+    lists of layer indices (:func:`_layer_index_list_names`)."""
+    index_lists = set(_layer_index_list_names(cfg, n_old))
     names = []
     for key, value in cfg.to_dict().items():
-        if key in _NOT_PER_LAYER or key.endswith(("_id", "_ids", "_token", "_tokens")):
+        if key in _NOT_PER_LAYER or key in index_lists or key.endswith(("_id", "_ids", "_token", "_tokens")):
             continue
         if isinstance(value, (list, tuple)) and len(value) == n_old:
             names.append(key)
     return names
 
 
-def _check_config(cfg: Any) -> None:
+def _check_config(cfg: Any, model: nn.Module | None = None) -> None:
+    top = getattr(model, "config", None)
+    if getattr(top, "is_encoder_decoder", False):
+        raise ValueError(f"pruning encoder-decoder models ({top.model_type}) is not supported: their encoder and "
+                         "decoder layer counts are separate config fields")
     if cfg is not None and getattr(cfg, "is_heterogeneous", False):
         raise ValueError(
             "this model's config has per_layer_config overrides (heterogeneous layers); "
@@ -326,25 +336,43 @@ def _check_config(cfg: Any) -> None:
 
 
 def _layer_index_list_names(cfg: Any, n_old: int) -> list[str]:
-    """Config attributes listing layer indices (``mlp_only_layers`` of Qwen-MoE, ``moe_layers``
-    ...): a name ending in ``_layers`` whose value is a list of distinct integers in
-    ``[0, n_old)``, not one entry per layer."""
+    """Config attributes listing layer indices: the known ones (``mlp_only_layers`` of
+    Qwen-MoE, ``moe_layers`` of Llama 4) whatever their length, and any other list named
+    ``*_layers`` of distinct integers in ``[0, n_old)`` that is not one entry per layer
+    (a length other than ``n_old``, or all of ``0 .. n_old - 1`` in order with ``n_old > 2``,
+    which as per-layer flags would not be 0/1)."""
     names = []
     for key, value in cfg.to_dict().items():
-        if not key.endswith("_layers") or not isinstance(value, (list, tuple)) or len(value) == n_old:
+        if not key.endswith("_layers") or not isinstance(value, (list, tuple)):
             continue
-        if all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < n_old for v in value) \
-                and len(set(value)) == len(value):
+        if not (all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < n_old for v in value)
+                and len(set(value)) == len(value)):
+            continue
+        if key in _LAYER_INDEX_LISTS or len(value) != n_old or (n_old > 2 and list(value) == list(range(n_old))):
             names.append(key)
     return names
+
+
+def _layer_valued_list_names(cfg: Any, n_old: int) -> list[str]:
+    """Per-layer lists whose entries are layer indices (``kv_source_layers``: the layer
+    whose keys and values each layer reads)."""
+    return [k for k in _LAYER_VALUED_LISTS if isinstance(getattr(cfg, k, None), (list, tuple))
+            and len(getattr(cfg, k)) == n_old]
 
 
 def _update_config(cfg: Any, keep: list[int], n_old: int) -> None:
     """New layer count, per-layer lists restricted to the kept layers and layer-index lists
     renumbered (in place)."""
-    lists = {name: getattr(cfg, name) for name in _per_layer_list_names(cfg, n_old)}
-    index_lists = {name: getattr(cfg, name) for name in _layer_index_list_names(cfg, n_old)}
+    valued = set(_layer_valued_list_names(cfg, n_old))
+    lists = {name: getattr(cfg, name) for name in _per_layer_list_names(cfg, n_old) if name not in valued}
+    index_lists = {name: getattr(cfg, name) for name in _layer_index_list_names(cfg, n_old) if name not in valued}
     new_index = {old: new for new, old in enumerate(keep)}
+    for name in valued:  # one entry per kept layer, naming kept layers by their new index
+        value = getattr(cfg, name)
+        lost = sorted({value[i] for i in keep if value[i] not in new_index})
+        if lost:
+            raise ValueError(f"cannot prune: config.{name} has kept layers reading from removed layer(s) {lost}")
+        setattr(cfg, name, type(value)(new_index[value[i]] for i in keep))
     for name in _LAYER_COUNT_NAMES:
         try:
             current = getattr(cfg, name)
@@ -386,9 +414,16 @@ def _check_structure(model: nn.Module, blocks: nn.ModuleList, keep: list[int], n
     try:
         with torch.device("meta"):
             before = type(model)(copy.deepcopy(cfg))
-            after = type(model)(new_cfg)
     except Exception:  # noqa: BLE001 - a class that cannot be built from its config alone
         return
+    try:
+        with torch.device("meta"):
+            after = type(model)(new_cfg)
+    except Exception as e:  # noqa: BLE001 - the pruned config describes no model this class can build
+        raise ValueError(
+            f"cannot prune layers {sorted(set(range(n_old)) - set(keep))} of this {cfg.model_type} model: "
+            f"its class cannot be built from the pruned config ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
 
     def shapes(m: nn.Module) -> dict[str, tuple[int, ...]]:
         return {k: tuple(t.shape) for k, t in m.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)}
@@ -434,13 +469,18 @@ def _check_layer_scaling(blocks: nn.ModuleList, keep: list[int]) -> None:
                 )
 
 
+_LAYER_INDEX_ATTRS = ("layer_idx", "layer_id")  # the KV cache's index (GPT-Neo: layer_id)
+
+
 def _renumber(blocks: nn.ModuleList) -> None:
-    """Set every integer ``layer_idx`` inside block ``i`` (the block included) to ``i``."""
+    """Set every integer ``layer_idx`` / ``layer_id`` inside block ``i`` (the block included)
+    to ``i``."""
     for i, block in enumerate(blocks):
         for m in block.modules():
-            v = getattr(m, "layer_idx", None)
-            if isinstance(v, int) and not isinstance(v, bool):
-                m.layer_idx = i
+            for attr in _LAYER_INDEX_ATTRS:
+                v = getattr(m, attr, None)
+                if isinstance(v, int) and not isinstance(v, bool):
+                    setattr(m, attr, i)
 
 
 def prune_layers(
@@ -472,7 +512,7 @@ def prune_layers(
     keep = sorted(set(range(n_old)) - set(drop))
     _check_layer_scaling(blocks, keep)
     cfg = _layer_config(model, n_old)
-    _check_config(cfg)
+    _check_config(cfg, model)
     if drop:
         _check_structure(model, blocks, keep, n_old)
     if not inplace:

@@ -284,6 +284,63 @@ def test_prune_refuses_a_config_that_would_reload_as_another_model():
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # torch.ao quantisation
+def test_prune_more_config_layouts():
+    """Llama 4 with an expert MLP in every layer (moe_layers = all indices, as long as the
+    layer list), GPT-Neo (its cache index is layer_id), BART's causal decoder (decoder_layers);
+    refused: a full encoder-decoder, and Gemma3n whose pruned config no model can be built from."""
+    from transformers import AutoConfig, AutoModelForCausalLM, Llama4ForCausalLM, Llama4TextConfig
+
+    l4 = Llama4ForCausalLM(Llama4TextConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=32, intermediate_size_mlp=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2, interleave_moe_layer_step=1,
+        max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
+    assert l4.config.moe_layers == [0, 1, 2, 3]
+    assert prune_layers(l4, [1]).config.moe_layers == [0, 1, 2]
+
+    neo = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "gpt_neo", hidden_size=32, num_layers=4, num_heads=4, vocab_size=100,
+        attention_types=[[["global", "local"], 2]], max_position_embeddings=64, window_size=4)).eval()
+    small = prune_layers(neo, [0])
+    assert [b.attn.attention.layer_id for b in small.transformer.h] == [0, 1, 2]
+    ids = torch.randint(0, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = small.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)  # the KV cache, by layer_id
+        again = small.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, use_cache=False)
+    assert torch.equal(out, again)
+
+    bart_cfg = dict(vocab_size=100, d_model=32, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4,
+                    decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)
+    dec = AutoModelForCausalLM.from_config(AutoConfig.for_model("bart", **bart_cfg)).eval()
+    assert prune_layers(dec, [1]).config.decoder_layers == 2
+    from transformers import BartForConditionalGeneration
+
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        prune_layers(BartForConditionalGeneration(AutoConfig.for_model("bart", **bart_cfg)), [1])
+
+    g3n = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "gemma3n_text", vocab_size=100, vocab_size_per_layer_input=100, hidden_size=32, hidden_size_per_layer_input=8,
+        intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2, laurel_rank=4,
+        altup_num_inputs=2, activation_sparsity_pattern=[0.0] * 4, sliding_window=8)).eval()
+    with pytest.raises(ValueError, match="cannot be built from the pruned config"):
+        prune_layers(g3n, [1])
+
+
+def test_config_update_renumbers_kv_source_layers():
+    """kv_source_layers (Mistral Large 4: the layer whose cache each layer reads) keeps one
+    entry per kept layer, renumbered; a kept layer reading a removed one is refused."""
+    from transformers import PretrainedConfig
+
+    from avss_fast.pruning import _update_config
+
+    cfg = PretrainedConfig(num_hidden_layers=4, kv_source_layers=[0, 0, 2, 2], no_rope_layers=[1, 1, 1, 0])
+    _update_config(cfg, [0, 2, 3], 4)
+    assert (cfg.num_hidden_layers, cfg.kv_source_layers, cfg.no_rope_layers) == (3, [0, 1, 1], [1, 1, 0])
+    cfg = PretrainedConfig(num_hidden_layers=4, kv_source_layers=[0, 0, 2, 2])
+    with pytest.raises(ValueError, match=r"kv_source_layers .* removed layer\(s\) \[2\]"):
+        _update_config(cfg, [0, 1, 3], 4)
+
+
 def test_prune_check_ignores_what_the_config_does_not_describe():
     """A model built with a constructor option (BERT without its pooler) or with quantised
     Linear layers prunes as before: only differences the config makes are refused."""
