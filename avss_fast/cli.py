@@ -65,12 +65,25 @@ def _pick_device(name: str):
     return dev
 
 
+def _expand_user(path: str, flag: str) -> Path:
+    """``path`` with a leading ``~`` / ``~user`` expanded; an unknown user is a CLIError."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError as e:  # ~nosuchuser
+        raise CLIError(f"{flag} {path!r}: {e}") from None
+
+
 def check_out(path: str, kind: str) -> Path:
     """Make sure ``--out`` can be written before any work is done, without creating
     anything (the writers create the folders): ``kind`` "dir" (an existing file is an
-    error) or "file" (an existing directory is an error); the nearest existing folder
-    above it must be a writable directory."""
-    p = Path(path).expanduser()
+    error) or "file" (an existing directory, or a file that cannot be written, is an
+    error); the nearest existing folder above it must be a writable directory. A link
+    to nothing is refused. Returns the path with ``~`` expanded."""
+    p = _expand_user(path, "--out")
+    if p.is_symlink() and not p.exists():
+        raise CLIError(f"--out {path!r} is a link to {os.readlink(p)!r}, which does not exist")
+    if kind == "file" and p.is_file() and not os.access(p, os.W_OK):
+        raise CLIError(f"--out {path!r} exists and is not writable")
     if kind == "dir" and p.exists() and not p.is_dir():
         raise CLIError(f"--out {path!r} is a file; give a directory (the outputs are written into it)")
     if kind == "file" and p.is_dir():
@@ -97,7 +110,7 @@ def load_model(path: str, *, device: str = "auto", dtype: str = "auto"):
     hf_logging.disable_progress_bar()  # the weight-loading bar; ours show the real work
 
     if path.startswith("~"):
-        path = str(Path(path).expanduser())
+        path = str(_expand_user(path, "--model"))
     local = Path(path).is_dir()
     if not local and Path(path).exists():
         raise CLIError(f"--model {path!r} is a file; give the model's directory (or a hub name)")
@@ -220,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         if getattr(args, "out_kind", None) and getattr(args, "out", None):
-            check_out(args.out, args.out_kind)  # before any work: a bad --out loses nothing
+            args.out = str(check_out(args.out, args.out_kind))  # before any work: a bad --out loses nothing
         with warnings.catch_warnings():  # one line each, without the source line
             warnings.showwarning = _show_warning
             return args.func(args)

@@ -318,21 +318,27 @@ def block_hidden_from_input(args, kwargs) -> torch.Tensor:
     )
 
 
-_POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")
+_POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions", "positions_embed")
 
 
 def position_limit(model: nn.Module) -> int | None:
-    """The longest sequence a model with a learned absolute position table can take
-    (``config.max_position_embeddings``: BERT, GPT-2, OPT ...; longer inputs fail inside
-    the model), or None for rotary/relative positions, which have no hard limit."""
+    """The longest sequence a model with a learned absolute position table can take, or
+    None for rotary/relative positions, which have no hard limit.
+
+    ``min(config.max_position_embeddings, rows usable in the table)`` (BERT, GPT-2,
+    OpenAI-GPT, OPT ...; longer inputs fail inside the model), where the usable rows are
+    ``num_embeddings - offset`` (OPT/BART tables start ``offset`` rows in) less
+    ``padding_idx + 1`` when the table has a padding index (RoBERTa counts positions from
+    there)."""
     n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         return None
     for name, m in model.named_modules():
         if isinstance(m, nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES:
-            if m.padding_idx is not None:  # RoBERTa: positions count from padding_idx + 1
-                n = min(n, m.num_embeddings - m.padding_idx - 1)
-            return n
+            rows = m.num_embeddings - int(getattr(m, "offset", 0) or 0)
+            if m.padding_idx is not None:
+                rows -= m.padding_idx + 1
+            return max(1, min(n, rows))
     return None
 
 

@@ -2,9 +2,11 @@
 subprocess through the installed console script)."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from tiny_models import make_tiny
@@ -79,6 +81,34 @@ def test_unusable_out_fails_before_any_work(tmp_path, capsys, command, monkeypat
     assert ("is a directory" if command == "heads" else "is a file") in err and "Traceback" not in err
     assert main([command, "--out", str(tmp_path / "afile" / "deeper"), "--quiet"]) == 2
     assert "no folder can be made under it" in capsys.readouterr().err
+
+
+def test_out_links_users_and_read_only_files(tmp_path, capsys, monkeypatch):
+    """--out: a link to nothing, an unknown ~user and a read-only file are one-line errors;
+    a leading ~ reaches the command expanded."""
+    import avss_fast.cli as cli
+
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    assert main(["score", "--out", str(tmp_path / "dangling"), "--quiet"]) == 2
+    assert "which does not exist" in capsys.readouterr().err
+    assert main(["score", "--out", "~no_such_user_avss/x", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--out '~no_such_user_avss/x'" in err and "Traceback" not in err
+    assert main(["score", "--model", "~no_such_user_avss/m", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "--model '~no_such_user_avss/m'" in capsys.readouterr().err
+
+    ro = tmp_path / "ro.json"
+    ro.write_text("{}")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == ro else real_access(p, mode))
+    assert main(["heads", "--out", str(ro), "--quiet"]) == 2
+    assert "exists and is not writable" in capsys.readouterr().err
+
+    seen = []
+    monkeypatch.setattr(cli, "cmd_score", lambda args: seen.append(args.out) or 0)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["score", "--out", "~/results", "--quiet"]) == 0
+    assert seen == [str(tmp_path / "results")]
 
 
 def test_out_is_not_created_by_a_run_that_fails(tmp_path, capsys):

@@ -476,6 +476,25 @@ def test_position_limit_of_learned_position_tables(family):
         assert fit_max_length(model, 10_000) == limit
 
 
+def test_position_limit_of_openai_gpt_and_of_a_short_table():
+    """OpenAI-GPT's table is ``positions_embed``; a table shorter than the config says
+    (a GPT-2 whose ``wpe`` was cut) limits at the table. Both limits are tight."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from avss_fast.models import position_limit
+
+    gpt = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "openai-gpt", n_embd=16, n_layer=1, n_head=2, vocab_size=100, n_positions=12)).eval()
+    short = make_tiny("gpt2", num_layers=1)
+    short.transformer.wpe = torch.nn.Embedding(9, short.config.n_embd)
+    for model, expected in ((gpt, 12), (short, 9)):
+        assert position_limit(model) == expected
+        with torch.no_grad():
+            model(input_ids=torch.randint(3, 100, (1, expected)))
+            with pytest.raises((IndexError, RuntimeError)):
+                model(input_ids=torch.randint(3, 100, (1, expected + 1)))
+
+
 def test_score_layers_caps_max_length_at_the_position_table():
     """A text longer than BERT's position table with a larger max_length: truncated to the
     table (with a warning) instead of failing inside the model."""
