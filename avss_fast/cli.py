@@ -73,6 +73,20 @@ def _expand_user(path: str, flag: str) -> Path:
         raise CLIError(f"{flag} {path!r}: {e}") from None
 
 
+_INPUT_PATHS = {"data": "--data", "heads_from": "--heads-from", "eval": "--eval"}
+
+
+def _expand_input_paths(args: argparse.Namespace) -> None:
+    """A leading ``~`` in the input-file flags expanded in place (the shell does not expand
+    ``--data=~/x``)."""
+    for attr, flag in _INPUT_PATHS.items():
+        value = getattr(args, attr, None)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(args, attr, str(_expand_user(value, flag)))
+        elif isinstance(value, list):
+            setattr(args, attr, [str(_expand_user(v, flag)) if v.startswith("~") else v for v in value])
+
+
 def check_out(path: str, kind: str) -> Path:
     """Make sure ``--out`` can be written before any work is done, without creating
     anything (the writers create the folders): ``kind`` "dir" (an existing file is an
@@ -232,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        _expand_input_paths(args)
         if getattr(args, "out_kind", None) and getattr(args, "out", None):
             args.out = str(check_out(args.out, args.out_kind))  # before any work: a bad --out loses nothing
         with warnings.catch_warnings():  # one line each, without the source line

@@ -53,7 +53,7 @@ def read_heads_file(path: str) -> list[tuple[int, int]]:
     if not p.is_file():
         raise CLIError(f"--heads-from {path!r}: no such file")
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(p.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise CLIError(f"--heads-from {path!r}: not JSON ({e})") from e
     if isinstance(data, dict):

@@ -240,6 +240,8 @@ def plot_pruning(summary: dict, path) -> Path:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    from .report import fit_suptitle
+
     layers = summary["report"]["layers"]
     chosen = set(summary["strategies"][summary["saved_strategy"]]["removed"])
     strategies = list(summary["strategies"])
@@ -272,7 +274,7 @@ def plot_pruning(summary: dict, path) -> Path:
         ax2.set_ylabel("retention (pruned / original)")
         ax2.set_title(f"Retention after removing {summary['ratio']:.0%} of layers", fontsize=10, loc="left")
         ax2.legend(fontsize=8, loc="lower right")
-        fig.suptitle(str(summary.get("model")), fontsize=11)
+        fit_suptitle(fig, "{model}", str(summary.get("model")), fontsize=11)
         fig.tight_layout()
         fig.savefig(p, dpi=100)
     finally:

@@ -414,7 +414,7 @@ class HallucinationReport:
         import matplotlib.pyplot as plt
         from matplotlib.patches import Patch
 
-        from .report import _mark_missing, _prepare, layers_for_ratio
+        from .report import _mark_missing, _prepare, fit_suptitle, layers_for_ratio
 
         p = Path(path)
         p = _prepare(p if p.suffix else p.with_suffix(".png"))
@@ -458,7 +458,7 @@ class HallucinationReport:
                 axes[-1].set_xticks(xs[::step])
                 axes[-1].set_xlim(min(xs) - 0.6, max(xs) + 0.6)
             pairs = f", {self.num_pairs} pairs" if self.num_pairs is not None else ""
-            fig.suptitle(f"EAVSS: {self.model or '(unnamed model)'} ({n} layers{pairs})", fontsize=12)
+            fit_suptitle(fig, f"EAVSS: {{model}} ({n} layers{pairs})", self.model or "(unnamed model)")
             fig.tight_layout(rect=(0, 0, 1, 0.97))
             fig.savefig(p, dpi=100)
         finally:

@@ -8,7 +8,7 @@ pass also emits, for every (batch row, query head, query row), from the plain so
 * ``entropy``: ``-sum_j p_j ln p_j`` (nats; ln of the number of keys for uniform attention);
 * ``max_logit``: ``max_j scaling q_i . k_j`` (the largest pre-softmax logit);
 * ``sink_mass``: ``p_j0`` at the row's first allowed key j0 (the first real token: the
-  "attention sink").
+  "attention sink"; on a sliding-window layer, the oldest key still in the window).
 
 The scorer keeps, per (layer, head[, segment]), the count, mean and M2 (Chan) of each
 statistic over all valid query rows, in float64 on the model's device: across batches,

@@ -306,6 +306,53 @@ class InterventionRun:
         self._fired: dict[int, torch.Tensor] = {}  # layer -> [Hq] rows it fired on (device)
         self._last_rows: dict[int, int] = {}  # layer -> rows checked by a rows="last" rule
         self._rule_on: dict[int, torch.Tensor] = {}  # layer -> [Hq] int64, 1 for the rule's heads
+        self._call: tuple | None = None  # (args, kwargs) of the model call under way, for key_columns()
+        self._columns: int | None = None
+
+    def _on_model_call(self, module, args, kwargs) -> None:
+        self._call, self._columns = (args, kwargs), None
+
+    def _after_model_call(self, *unused) -> None:
+        self._call, self._columns = None, None
+
+    def key_columns(self) -> int | None:
+        """Key columns of the model call under way (cached keys and this call's tokens): the
+        length of its [B, T] ``attention_mask``, else the input length plus the cache's
+        ``get_seq_length()`` (``past_key_values`` or ``cache``); None outside a call of the
+        hooked model."""
+        if self._columns is None and self._call is not None:
+            from .scoring import _mask_from_forward
+
+            args, kwargs = self._call
+            mask = _mask_from_forward(args, kwargs)
+            if mask is not None:
+                self._columns = mask.shape[-1]
+            else:
+                x = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+                x = kwargs.get("inputs_embeds") if x is None else x
+                past = kwargs.get("past_key_values", kwargs.get("cache"))
+                if isinstance(x, torch.Tensor) and x.dim() >= 2:
+                    seen = past.get_seq_length() if hasattr(past, "get_seq_length") else 0
+                    self._columns = x.shape[1] + int(seen)
+        return self._columns
+
+    def window_args(self, args: ops.AttentionArgs, Sq: int, Sk: int) -> ops.AttentionArgs:
+        """``args`` for a sliding-window layer whose cache keeps only the last ``Sk`` keys:
+        its key column ``j`` is position ``j + off`` with ``off = columns - Sk``, so the
+        segment starts move to ``max(start - off, 0)`` (a segment wholly before the window
+        is empty). A device op, no synchronisation."""
+        if args.segment_starts is None or Sk == Sq:
+            return args
+        columns = self.key_columns()
+        if columns is None:
+            raise ValueError(
+                "segment starts on a sliding-window layer with a cache need the model's own call (its "
+                "attention_mask, or past_key_values): call the model intervene() was given"
+            )
+        off = columns - Sk
+        if off <= 0:
+            return args
+        return args._replace(segment_starts=(args.segment_starts - off).clamp_min_(0))
 
     @staticmethod
     def _per_batch(t: torch.Tensor | None, B: int, what: str) -> torch.Tensor | None:
@@ -424,6 +471,8 @@ def avss_fast_attention(module: nn.Module, query, key, value, attention_mask, sc
         layer, run = entry
         run.calls[layer] += 1
         args = run.attention_args(layer, B, Hq, query.device)
+        if kwargs.get("sliding_window"):  # a rolling cache keeps the last keys only
+            args = run.window_args(args, Sq, key.shape[2])
     else:
         args = _PLAIN
     res = ops.masked_attention_prepared(
@@ -537,6 +586,8 @@ def intervene(model: nn.Module, intervention: HeadIntervention | None = None, *,
     configs = _all_configs(model)
     saved = [(cfg, cfg.__dict__.get("_attn_implementation_internal", None)) for cfg in configs]
     _ACTIVE.update(owned)
+    hooks = [model.register_forward_pre_hook(run._on_model_call, with_kwargs=True),
+             model.register_forward_hook(run._after_model_call, always_call=True)]
     try:
         try:
             model.set_attn_implementation(ATTENTION_NAME)
@@ -544,6 +595,8 @@ def intervene(model: nn.Module, intervention: HeadIntervention | None = None, *,
             raise ValueError(f"{type(model).__name__} cannot take the avss_fast attention: {e}") from e
         yield run
     finally:
+        for h in hooks:
+            h.remove()
         for k in owned:
             _ACTIVE.pop(k, None)
         for cfg, impl in saved:

@@ -214,7 +214,8 @@ def find_layers(model: nn.Module, layers_path: str | None = None) -> tuple[str, 
 
     Raises:
         ValueError: ``layers_path`` does not resolve, or resolves to something
-            other than a non-empty ``nn.ModuleList`` (the message says what).
+            other than a non-empty ``nn.ModuleList`` (the message says what), or the
+            list holds one module at two positions (a shared block).
         UnknownLayoutError: no path was given and none of the known ones fit.
     """
     if layers_path is not None:
@@ -229,7 +230,7 @@ def find_layers(model: nn.Module, layers_path: str | None = None) -> tuple[str, 
             )
         if len(found) == 0:
             raise ValueError(f"layers_path={layers_path!r} on {type(model).__name__} is an empty nn.ModuleList")
-        return layers_path, found
+        return layers_path, _distinct_blocks(model, layers_path, found)
 
     model_type = _model_type(model)
     candidates = _dedupe(tuple(LAYER_PATHS.get(model_type, ())) + GENERIC_LAYER_PATHS)
@@ -239,8 +240,23 @@ def find_layers(model: nn.Module, layers_path: str | None = None) -> tuple[str, 
         except (AttributeError, IndexError, TypeError):
             continue
         if isinstance(found, nn.ModuleList) and len(found) > 0:
-            return path, found
+            return path, _distinct_blocks(model, path, found)
     raise UnknownLayoutError(model, candidates)
+
+
+def _distinct_blocks(model: nn.Module, path: str, blocks: nn.ModuleList) -> nn.ModuleList:
+    """``blocks``, refused when one module object stands at two positions (a weight-shared
+    block applied twice): hooks on it fire for both uses, so no per-layer statistic, gate
+    or pruning can tell the layers apart."""
+    first: dict[int, int] = {}
+    for i, block in enumerate(blocks):
+        j = first.setdefault(id(block), i)
+        if j != i:
+            raise ValueError(
+                f"{type(model).__name__}.{path}[{j}] and [{i}] are the same module (a shared block applied "
+                "twice): per-layer scores, head gates and pruning need one module per layer"
+            )
+    return blocks
 
 
 def block_hidden_from_output(output) -> torch.Tensor:

@@ -610,8 +610,8 @@ def _texts_and_batches(model, data, tokenizer, batch_size, max_length, field):
     return batches, num_batches(data, batch_size, field=field)
 
 
-def _logits(model, ids, mask, extra) -> torch.Tensor:
-    out = model(input_ids=ids, attention_mask=mask, **extra)
+def _logits(model, inputs: dict, extra) -> torch.Tensor:
+    out = model(**inputs, **extra)
     logits = getattr(out, "logits", None)
     if logits is None:
         raise ValueError(f"{type(model).__name__} returns no logits; it is not a language/classification model")
@@ -635,17 +635,17 @@ def perplexity(
     valid predecessor counts (``mask[t] = mask[t-1] = 1``); padding never does. The sum
     is kept in float64; ``nll`` is the mean negative log-likelihood in nats per token.
     """
-    from .scoring import _eval_no_grad
+    from .scoring import BatchInputs, _eval_no_grad
 
-    device = model_device(model)
+    inputs = BatchInputs(model, model_device(model))
     extra = _forward_kwargs(model)
     batches, total = _texts_and_batches(model, data, tokenizer, batch_size, max_length, field)
     nll_sum, count, examples = 0.0, 0, 0
     with _eval_no_grad(model):
         for b in _tqdm(batches, total=total, desc="perplexity", progress=progress):
-            ids = b["input_ids"].to(device)
-            mask = b["attention_mask"].to(device)
-            logits = _logits(model, ids, mask, extra)[:, :-1].float()
+            kw = inputs(b)
+            ids, mask = kw["input_ids"], kw["attention_mask"]
+            logits = _logits(model, kw, extra)[:, :-1].float()
             target = ids[:, 1:]
             valid = (mask[:, 1:] != 0) & (mask[:, :-1] != 0)
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
@@ -688,7 +688,7 @@ def _first_record(data: Any) -> Mapping | None:
             return None
         from .data import _utf8
 
-        with _utf8(path), path.open(encoding="utf-8") as fh:
+        with _utf8(path), path.open(encoding="utf-8-sig") as fh:
             for line in fh:
                 if line.strip():
                     try:
@@ -764,7 +764,7 @@ def _score_rows(model, rows, pad_id: int, extra) -> list[float]:
         ids[j, : len(r)] = torch.tensor(r)
         mask[j, : len(r)] = 1
     ids, mask = ids.to(device), mask.to(device)
-    logp = torch.log_softmax(_logits(model, ids, mask, extra)[:, :-1].float(), dim=-1)
+    logp = torch.log_softmax(_logits(model, {"input_ids": ids, "attention_mask": mask}, extra)[:, :-1].float(), dim=-1)
     token_lp = logp.gather(-1, ids[:, 1:, None])[..., 0]  # [B, T-1]: log p(x_{t+1} | x_<=t)
     return [float(token_lp[j, len(r) - 1 - n : len(r) - 1].double().sum()) for j, (r, n) in enumerate(rows)]
 
@@ -784,9 +784,8 @@ def choice_scores(
     ``choices`` (a list of strings) and ``answer`` (an index, the choice's text, or a
     letter ``A``, ``B``, ...)."""
     from .data import _pad_id
-    from .scoring import _eval_no_grad
-
     from .models import fit_max_length
+    from .scoring import _eval_no_grad
 
     max_length = fit_max_length(model, max_length)
     records = [_check_choice_record(r, where) for where, r in _load_records(data)]
@@ -840,7 +839,7 @@ def classification_accuracy(
     """Accuracy ``mean_i [argmax logits(text_i) == label_i]`` of a sequence classifier on a
     ``.jsonl`` path / list of dicts with ``text`` (``field``) and ``label`` (an int or a
     name in ``config.label2id``)."""
-    from .scoring import _eval_no_grad
+    from .scoring import BatchInputs, _eval_no_grad
 
     records = _load_records(data)
     texts, labels = [], []
@@ -849,13 +848,13 @@ def classification_accuracy(
             raise ValueError(f"{where}: needs a string {field!r} and a 'label'; keys present: {sorted(rec)}")
         texts.append(rec[field])
         labels.append(_label_index(rec["label"], model, where))
-    device = model_device(model)
+    inputs = BatchInputs(model, model_device(model))
     extra = _forward_kwargs(model)
     batches, total = _texts_and_batches(model, texts, tokenizer, batch_size, max_length, field)
     preds: list[int] = []
     with _eval_no_grad(model):
         for b in _tqdm(batches, total=total, desc="classification", progress=progress):
-            logits = _logits(model, b["input_ids"].to(device), b["attention_mask"].to(device), extra)
+            logits = _logits(model, inputs(b), extra)
             preds += logits.argmax(-1).tolist()
     correct = sum(int(p == y) for p, y in zip(preds, labels))
     return Measurement("classification", "accuracy", correct / len(labels), len(labels))
@@ -873,16 +872,17 @@ def sentence_embeddings(
 ) -> Measurement:
     """Mean-pooled last hidden states ``e_i = sum_t m_it h_it / sum_t m_it`` (float32, CPU),
     one row per text, in ``Measurement.embeddings`` [N, D]."""
-    from .scoring import _eval_no_grad
+    from .scoring import BatchInputs, _eval_no_grad
 
-    device = model_device(model)
+    inputs = BatchInputs(model, model_device(model))
     extra = _forward_kwargs(model)
     batches, total = _texts_and_batches(model, data, tokenizer, batch_size, max_length, field)
     rows, tokens = [], 0
     with _eval_no_grad(model):
         for b in _tqdm(batches, total=total, desc="embeddings", progress=progress):
-            ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
-            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, **extra)
+            kw = inputs(b)
+            mask = kw["attention_mask"]
+            out = model(**kw, output_hidden_states=True, **extra)
             h = getattr(out, "last_hidden_state", None)
             if h is None:
                 h = out.hidden_states[-1]

@@ -144,6 +144,23 @@ def _sorted_rows(layers: list[dict], key: str, ascending: bool) -> list[dict]:
     return [row for _, row in sorted(indexed, key=k)]
 
 
+def fit_suptitle(fig, template: str, model: str, *, fontsize: float = 12) -> None:
+    """``fig.suptitle(template.format(model=name))`` with ``name`` the model name shortened
+    (:func:`_short_model_name`, then cut from the left behind ``...``) until the drawn
+    title fits the figure's width."""
+    renderer = fig.canvas.get_renderer()
+    limit = 0.98 * fig.bbox.width
+    width = len(model)
+    while True:
+        name = _short_model_name(model, width)
+        if len(name) > width:
+            name = "..." + name[-max(1, width - 3):]
+        title = fig.suptitle(template.format(model=name), fontsize=fontsize)
+        if title.get_window_extent(renderer).width <= limit or width <= 8:
+            return
+        width = max(8, min(width, len(name)) - 4)
+
+
 def _short_model_name(name: str, width: int = 60) -> str:
     """A model name for a figure title: a hub name (``org/model``) as it is; a longer local
     path by its last two components (the model's folder and the one above, which usually
@@ -448,10 +465,10 @@ def plot_layer_report(report: dict, path) -> pathlib.Path:
             ax_bi.set_xticks(xs[::step])
             ax_bi.set_xlim(min(xs) - 0.6, max(xs) + 0.6)
 
-        model = _short_model_name(report.get("model") or "(unnamed model)")
+        model = report.get("model") or "(unnamed model)"
         tokens = _total_tokens(report)
         tok = f"{tokens:,} tokens" if tokens is not None else "tokens: unknown"
-        fig.suptitle(f"Layer report: {model}  ({n} layers, {tok})", fontsize=12)
+        fit_suptitle(fig, f"Layer report: {{model}}  ({n} layers, {tok})", model)
         fig.tight_layout(rect=(0, 0, 1, 0.97))
         fig.savefig(p, dpi=100)
     finally:

@@ -324,7 +324,9 @@ class LayerReport:
             "sparsity_eps": self.sparsity_eps,
             "sparsity_rel": self.sparsity_rel,
             "avss_guard": AVSS_GUARD,
-            "ranking": {"avss": self.ranking("avss"), "block_influence": self.ranking("block_influence")},
+            "ranking": {"avss": self.ranking("avss"),  # block_influence: null when not collected
+                        "block_influence": (None if all(s is None for s in self.similarity)
+                                            else self.ranking("block_influence"))},
             "layers": layers,
             "moments": [m.raw() for m in self.moments],
             "similarity": [None if s is None else s.raw() for s in self.similarity],
@@ -367,6 +369,40 @@ class LayerReport:
 # ----------------------------------------------------------------------------- score_layers
 
 
+# Batch keys never passed on to the model: the loss targets (a loss is not wanted and
+# clashes with logits_to_keep) and what the callers set themselves.
+_NOT_MODEL_INPUTS = frozenset({"labels", "use_cache", "logits_to_keep", "output_hidden_states",
+                               "output_attentions", "return_dict", "past_key_values"})
+
+
+class BatchInputs:
+    """The keyword arguments a tokenized batch gives ``model.forward``: ``input_ids``,
+    ``attention_mask`` and every other tensor the forward accepts (``token_type_ids``,
+    ``position_ids`` ...), on ``device``. A key the forward does not take is dropped with
+    one warning per key (``labels`` silently)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.model, self.device = model, device
+        self._warned: set[str] = set()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import warnings
+
+        out = {"input_ids": batch["input_ids"].to(self.device, non_blocking=True),
+               "attention_mask": batch["attention_mask"].to(self.device, non_blocking=True)}
+        for key, value in batch.items():
+            if key in out or key in _NOT_MODEL_INPUTS:
+                continue
+            if isinstance(value, torch.Tensor) and _accepts(self.model.forward, key):
+                out[key] = value.to(self.device, non_blocking=True)
+            elif key not in self._warned:
+                self._warned.add(key)
+                why = "is not a tensor" if not isinstance(value, torch.Tensor) else \
+                    f"is not an argument of {type(self.model).__name__}.forward"
+                warnings.warn(f"batch key {key!r} is ignored: it {why}", UserWarning, stacklevel=3)
+        return out
+
+
 def _accepts(fn, name: str) -> bool:
     try:
         params = inspect.signature(fn).parameters
@@ -400,7 +436,7 @@ def score_layers(
     tokenizer: Any = None,
     *,
     batch_size: int = 8,
-    max_length: int = 128,
+    max_length: int | None = 128,
     field: str = "text",
     layers_path: str | None = None,
     sparsity_eps: float = 1e-5,
@@ -413,13 +449,16 @@ def score_layers(
 
     ``data``: a list of strings, a ``.txt`` (one document a line) or ``.jsonl`` path
     (``field`` names the text key), a ``datasets`` dataset, or an iterable of tokenized
-    batches (dicts with ``input_ids`` and ``attention_mask``, e.g. a ``DataLoader``).
-    Text needs ``tokenizer``. The model runs in eval mode under ``inference_mode`` and
-    its training flags are restored afterwards; hooks are removed even if a batch fails.
+    batches (dicts with ``input_ids`` and ``attention_mask``, e.g. a ``DataLoader``; their
+    other tensors that ``model.forward`` takes, such as ``token_type_ids``, are passed on,
+    see :class:`BatchInputs`). Text needs ``tokenizer``; ``max_length=None`` truncates only
+    at a learned position table's length. The model runs in eval mode under
+    ``inference_mode`` and its training flags are restored afterwards; hooks are removed
+    even if a batch fails.
     """
     from .data import iter_batches, num_batches
 
-    if batch_size < 1 or max_length < 1:
+    if batch_size < 1 or (max_length is not None and max_length < 1):
         raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size} and {max_length}")
     device = model_device(model)
     max_length = fit_max_length(model, max_length)
@@ -436,9 +475,8 @@ def score_layers(
     scorer = LayerScorer(
         model, layers_path=layers_path, sparsity_eps=sparsity_eps, sparsity_rel=sparsity_rel, similarity=similarity
     )
+    inputs = BatchInputs(model, device)
     with _eval_no_grad(model), scorer:
         for batch in tqdm(batches, total=total, desc="scoring", unit="batch", disable=not progress):
-            ids = batch["input_ids"].to(device, non_blocking=True)
-            mask = batch["attention_mask"].to(device, non_blocking=True)
-            model(input_ids=ids, attention_mask=mask, **extra)
+            model(**inputs(batch), **extra)
     return scorer.report(model_name=model_name)

@@ -109,6 +109,10 @@ def test_out_links_users_and_read_only_files(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert main(["score", "--out", "~/results", "--quiet"]) == 0
     assert seen == [str(tmp_path / "results")]
+    (tmp_path / "calib.txt").write_text("one line\n")
+    monkeypatch.setattr(cli, "cmd_score", lambda args: seen.append(args.data) or 0)
+    assert main(["score", "--data=~/calib.txt", "--quiet"]) == 0
+    assert seen[-1] == str(tmp_path / "calib.txt")
 
 
 def test_out_is_not_created_by_a_run_that_fails(tmp_path, capsys):

@@ -147,6 +147,26 @@ def test_load_texts_dataset_errors():
         load_texts(dd)
 
 
+def test_a_dataset_dict_is_texts_not_a_batch(bert_tok):
+    """A DatasetDict is a Mapping, but it is a text source with splits, not a tokenized
+    batch: the 'pick one split' message (it was "batch 0 has no 'input_ids'")."""
+    dd = FakeDatasetDict(train=FakeDataset({"text": ["a"]}))
+    with pytest.raises(ValueError, match=r"several splits \(\['train'\]\); pick one"):
+        list(iter_batches(dd, bert_tok))
+    assert num_batches(dd, 4) is None
+
+
+def test_files_with_a_byte_order_mark(tmp_path):
+    """UTF-8 files saved with a BOM (Notepad): the mark is not part of the first text, and
+    a .jsonl's first line parses."""
+    txt, jsonl = tmp_path / "bom.txt", tmp_path / "bom.jsonl"
+    txt.write_bytes("\ufeffhello world\nsecond\n".encode("utf-8"))
+    jsonl.write_bytes('\ufeff{"text": "first"}\n{"text": "second"}\n'.encode("utf-8"))
+    assert load_texts(txt) == ["hello world", "second"]
+    assert load_texts(jsonl) == ["first", "second"]
+    assert num_batches(txt, 1) == num_batches(jsonl, 1) == 2
+
+
 def test_load_texts_empty_results(tmp_path):
     with pytest.raises(ValueError, match=r"no text found in list"):
         load_texts([])
@@ -191,7 +211,10 @@ def test_load_texts_jsonl_errors(tmp_path):
         load_texts(p)
 
     p.write_text('{"text": "a"}\n{"text": "  "}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"line 2: field 'text' must be a non-empty string, got an empty string"):
+    with pytest.raises(ValueError, match=r"line 2: field 'text' must be a non-empty string, got a blank string"):
+        load_texts(p)
+    p.write_text('{"text": ""}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"line 1: field 'text' must be a non-empty string, got an empty string"):
         load_texts(p)
 
     p.write_text('["not", "an", "object"]\n', encoding="utf-8")

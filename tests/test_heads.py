@@ -165,6 +165,46 @@ def test_static_cache_generation_equals_dynamic():
     assert max((a - b).abs().max().item() for a, b in zip(dyn.logits, static.logits)) < 1e-4
 
 
+@pytest.mark.parametrize("family,cache", [("mistral", "dynamic"), ("gemma3_text", "dynamic"), ("mistral", "static")])
+def test_sliding_window_layers_place_segments_by_position(family, cache, backend):
+    """A sliding-window layer's cache keeps only the last keys, so its key column 0 is not
+    position 0: reweighting, the adaptive rule and segment mass follow positions. Generation
+    with the cache equals generation without it (left padding, per-sample starts, prompt and
+    output longer than the window of 4; Mistral: every layer sliding, Gemma 3: mixed), and
+    the segment mass collected under generate equals one forward over the same tokens."""
+    from avss_fast.head_stats import HeadScorer
+
+    model = make_tiny(family, num_layers=2, heads=4, kv_heads=2, vocab=100)
+    model.config.sliding_window = 4
+    ids, am = _batch(T=9, left_pad=2)
+    starts = shift_segment_starts([[0, 3], [0, 2]], am)
+    iv = HeadIntervention(
+        reweight={(0, h): {0: 0.0} for h in range(4)},
+        adaptive=AdaptiveRule(heads=[(1, 0), (1, 3)], segment=1, threshold=0.3, scale=0.0),
+        segment_starts=starts,
+    )
+    kw = dict(input_ids=ids, attention_mask=am, pad_token_id=0, max_new_tokens=7, do_sample=False)
+    if cache == "static":
+        kw["cache_implementation"] = "static"
+    with torch.no_grad(), intervene(model, iv):
+        cached = model.generate(**kw)
+        full = model.generate(**{**kw, "cache_implementation": None}, use_cache=False)
+        plain_cached = None
+    with torch.no_grad():
+        plain_cached = model.generate(**kw)
+    assert torch.equal(cached, full)
+    assert not torch.equal(cached, plain_cached), "the intervention changed nothing: the test would prove nothing"
+    stats = ("segment_mass",)
+    with torch.no_grad(), HeadScorer(model, segment_starts=starts, stats=stats) as gen:
+        model.generate(**kw)
+    seq_mask = torch.cat([am, torch.ones(2, cached.shape[1] - am.shape[1], dtype=am.dtype)], 1)
+    with torch.no_grad(), HeadScorer(model, segment_starts=starts, stats=stats) as one:
+        model(input_ids=cached[:, :-1], attention_mask=seq_mask[:, :-1])
+    a, b = gen.report(), one.report()
+    assert a.rows == b.rows
+    np.testing.assert_allclose(a.stats["segment_mass"]["mean"], b.stats["segment_mass"]["mean"], atol=2e-5)
+
+
 # ----------------------------------------------------------------------------- real encoder
 
 

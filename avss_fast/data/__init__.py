@@ -69,7 +69,7 @@ def _describe(source: Any) -> str:
 
 
 def _texts_from_txt(path: Path) -> list[str]:
-    with _utf8(path), path.open(encoding="utf-8") as fh:
+    with _utf8(path), path.open(encoding="utf-8-sig") as fh:
         return [line.strip() for line in fh if line.strip()]
 
 
@@ -88,7 +88,7 @@ def read_jsonl(path, *, expect: str = "") -> list[tuple[int, dict]]:
     describes the fields wanted, for the message)."""
     path = Path(path)
     out = []
-    with _utf8(path), path.open(encoding="utf-8") as fh:
+    with _utf8(path), path.open(encoding="utf-8-sig") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -112,7 +112,8 @@ def _texts_from_jsonl(path: Path, field: str) -> list[str]:
             raise ValueError(f"{path}: line {lineno} has no field {field!r}; keys present: {sorted(obj)}")
         value = obj[field]
         if not isinstance(value, str) or not value.strip():
-            got = "an empty string" if isinstance(value, str) else type(value).__name__
+            got = (("a blank string" if value else "an empty string") if isinstance(value, str)
+                   else type(value).__name__)
             raise ValueError(
                 f"{path}: line {lineno}: field {field!r} must be a non-empty string, "
                 f"got {got}; keys present: {sorted(obj)}"
@@ -225,7 +226,8 @@ def load_texts(source: Any, *, field: str = "text") -> list[str]:
 
 def _is_text_source(data: Any) -> bool:
     """True if ``data`` is something :func:`load_texts` should handle."""
-    if _is_pathlike(data) or (_is_dataset_like(data) and not isinstance(data, Mapping)):
+    if _is_pathlike(data) or (_is_dataset_like(data) and (
+            not isinstance(data, Mapping) or isinstance(data.column_names, Mapping))):  # a DatasetDict too
         return True
     if isinstance(data, (list, tuple)):
         return len(data) > 0 and isinstance(data[0], str)
@@ -385,7 +387,7 @@ def iter_batches(
     ):
         raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
 
-    if isinstance(data, Mapping):
+    if isinstance(data, Mapping) and not _is_text_source(data):
         return _validated_batches([data])
     if isinstance(data, (list, tuple)) and not data:
         raise ValueError("no data: got an empty list")
@@ -428,13 +430,13 @@ def num_batches(data: Any, batch_size: int, field: str = "text") -> int | None:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     try:
-        if isinstance(data, Mapping):
+        if isinstance(data, Mapping) and not _is_text_source(data):
             return 1
         if _is_pathlike(data):
             path = Path(data)
             if not path.is_file() or path.suffix.lower() not in SUPPORTED_SUFFIXES:
                 return None
-            with path.open(encoding="utf-8") as fh:
+            with path.open(encoding="utf-8-sig") as fh:
                 n = sum(1 for line in fh if line.strip())
             return math.ceil(n / batch_size) if n else None
         if _is_text_source(data):  # list/tuple of str, or a Dataset: in memory already
