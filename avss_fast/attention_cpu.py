@@ -206,15 +206,20 @@ def masked_attention_torch(
             fire = (p_seg.sum(-1) >= threshold) & (rule_heads != 0)[None, :]  # [B, Hq]
             acc_last = (p_seg.reshape(B, Hk, Hq // Hk, Sk) @ vv.float()).reshape(B, Hq, D)
             corr = torch.where(fire[..., None], (1.0 - rule_scale) * acc_last, 0.0)
-            out[:, :, -1, :] -= corr.to(dt)
+            if out.requires_grad:  # autograd saved SDPA's output: no in-place update
+                out = torch.cat([out[:, :, :-1], out[:, :, -1:] - corr.to(dt)[:, :, None]], dim=2)
+            else:
+                out[:, :, -1, :] -= corr.to(dt)
             fired = torch.zeros(B, Hq, Sq, dtype=torch.int8, device=dev)
             fired[:, :, -1] = fire.to(torch.int8)
         else:
             fire = (mass[..., rule_segment] >= threshold) & (rule_heads != 0)[None, :, None]  # [B, Hq, Sq]
-            out -= torch.where(fire[..., None], (1.0 - rule_scale) * acc_seg, torch.zeros((), dtype=dt, device=dev))
+            corr = torch.where(fire[..., None], (1.0 - rule_scale) * acc_seg, torch.zeros((), dtype=dt, device=dev))
+            out = out - corr if out.requires_grad else out.sub_(corr)
             fired = fire.to(torch.int8)
     if head_gate is not None:
-        out *= head_gate.to(dt)[:, :, None, None]
+        gate = head_gate.to(dt)[:, :, None, None]
+        out = out * gate if out.requires_grad or gate.requires_grad else out.mul_(gate)
     out = out.transpose(1, 2).to(dt).contiguous()  # the statistics path may have run in fp32
     if return_rule_fired and fired is None:
         fired = torch.zeros(B, Hq, Sq, dtype=torch.int8, device=dev)
@@ -261,8 +266,8 @@ def _sdpa_outputs(q, k, kk, vv, *, seg, S, attn_mask, is_causal, causal, scaling
         o = F.scaled_dot_product_attention(
             q_ext, k_ext, v_ext, attn_mask=attn_mask, is_causal=is_causal, scale=scaling, **gqa
         )
-    if attn_mask is not None:
-        o.nan_to_num_(nan=0.0)  # rows with no allowed key (o is ours: updated in place)
+    if attn_mask is not None:  # rows with no allowed key (o is ours: updated in place unless autograd saved it)
+        o = o.nan_to_num(nan=0.0) if o.requires_grad else o.nan_to_num_(nan=0.0)
     out = o[..., :D]
     mass = None
     col = D

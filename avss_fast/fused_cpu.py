@@ -213,10 +213,10 @@ def layer_moments_packed(
             colcnt.index_add_(0, s_idx, fin.to(_I64))
             if rel:
                 rms = ((xz.to(_F64) ** 2).sum(-1) / n_r.clamp(min=1)).sqrt()
-                thr = (sparsity_rel * rms).to(_F32)[..., None]
+                near = xr.abs() < (sparsity_rel * rms).to(_F32)[..., None]
             else:
-                thr = sparsity_eps
-            extra_nz.append((fin & (xr.abs() < thr)).sum())
+                near = xr.abs().to(_F64) < sparsity_eps
+            extra_nz.append((fin & near).sum())
         elif colcnt is not None:
             colcnt[b0:b1] += f_cnt[:, None]
         means.append(mean)
@@ -237,13 +237,13 @@ def layer_moments_packed(
         thr_rows = (sparsity_rel * (row_mean.square() + row_m2.to(_F64) / D).sqrt()).to(_F32)
         cand = row_amin < thr_rows
     else:
-        cand = row_amin < sparsity_eps
+        cand = row_amin.to(_F64) < sparsity_eps  # in float64: fp32(1e-5) is below 1e-5
     near_zero = zero_i
     if bool(cand.any()):
         if v_rows is not None:
             cand &= v_rows
         xs = hidden[cand.view(B, T)].to(_F32)  # [k, D]
-        near_zero = torch.count_nonzero(xs.abs() < (thr_rows[cand][:, None] if rel else sparsity_eps))
+        near_zero = torch.count_nonzero(xs.abs() < thr_rows[cand][:, None] if rel else xs.abs().to(_F64) < sparsity_eps)
     for c in extra_nz:
         near_zero = near_zero + c
     nonfinite = zero_i

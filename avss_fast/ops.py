@@ -225,6 +225,8 @@ def block_similarity(
         raise ValueError(f"h_in {tuple(h_in.shape)} and h_out {tuple(h_out.shape)} must have the same shape")
     if h_in.device != h_out.device:
         raise ValueError(f"h_in is on {h_in.device} but h_out is on {h_out.device}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < float(eps) < math.inf:
+        raise ValueError(f"eps must be a finite number > 0 (the floor of |h_in| |h_out|), got {eps!r}")
     mask = _check_mask(attention_mask, h_in)
     ints, flts = _eager_or_op(_block_similarity_impl, _block_similarity_op)(
         h_in.detach(), h_out.detach(), None if mask is None else mask.detach(), float(eps), backend_for(h_in)
@@ -423,6 +425,8 @@ def prepare_attention_args(
             on[int(h)] = 1
         rule_heads = _small_tensor(on, torch.int8, dev)
         rule_segment, threshold, rule_scale = int(adaptive.segment), float(adaptive.threshold), float(adaptive.scale)
+        if not (math.isfinite(threshold) and math.isfinite(rule_scale)):
+            raise ValueError(f"adaptive threshold and scale must be finite, got {threshold} and {rule_scale}")
         last_row_only = adaptive.rows == "last"
     if return_segment_mass and starts is None:
         starts = torch.zeros((B, 1), dtype=torch.int32, device=dev)
@@ -488,11 +492,15 @@ def masked_attention_prepared(q, k, v, args: AttentionArgs, *, scaling: float, c
     """``masked_attention`` with arguments from :func:`prepare_attention_args` (checked once).
     Under ``torch.compile`` it goes through the registered custom op; in eager mode it calls
     the implementation directly (the custom-op dispatch costs tens of microseconds a call,
-    which shows in token-by-token decoding)."""
+    which shows in token-by-token decoding). With autograd recording for an input, the
+    differentiable torch path runs (the Triton kernel is forward only)."""
     _check_qkv(q, k, v)
     B, Hq, Sq, _ = q.shape
     Sk = k.shape[2]
     backend = backend_for(q)
+    if backend == "triton" and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, args.head_gate, args.segment_scale)):
+        backend = "torch"  # the kernel is forward only; the torch path is differentiable
     compiling = torch.compiler.is_compiling()
     key_mask, full_mask = _mask_args(attention_mask, B, Hq, Sq, Sk, q.device,
                                      keep_bool=backend == "torch" and not compiling)

@@ -171,9 +171,13 @@ def masked_attention_outputs(
     p = torch.nan_to_num(p, nan=0.0)  # rows with no allowed key
     any_key = allowed.any(-1)
     entropy = -torch.special.xlogy(p, p).sum(-1)
-    max_logit = s.amax(-1)
-    first = allowed.to(torch.int8).argmax(-1, keepdim=True)  # first allowed key (0 when none)
-    sink = torch.where(any_key, torch.gather(p, -1, first)[..., 0], torch.zeros((), dtype=cd, device=q.device))
+    if Sk:
+        max_logit = s.amax(-1)
+        first = allowed.to(torch.int8).argmax(-1, keepdim=True)  # first allowed key (0 when none)
+        sink = torch.where(any_key, torch.gather(p, -1, first)[..., 0], torch.zeros((), dtype=cd, device=q.device))
+    else:  # no key at all: (0, -inf, 0) as for a row with none allowed
+        max_logit = torch.full((B, Hq, Sq), float("-inf"), dtype=s.dtype, device=q.device)
+        sink = torch.zeros((B, Hq, Sq), dtype=cd, device=q.device)
     stats = torch.stack([entropy, max_logit, sink], -1).to(torch.float32)
     weights = p
     fired = torch.zeros(B, Hq, Sq, dtype=torch.bool, device=q.device)

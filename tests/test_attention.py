@@ -461,3 +461,52 @@ def test_kernel_unmasked_phase_rows_past_sq_and_low_precision():
     assert torch.isfinite(out).all() and torch.isfinite(stats).all()
     assert (out.double() - ref["out"].double()).abs().max() < 2e-2
     assert (stats.double() - ref["stats"].double()).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("case", ["mask", "gate", "rule_last", "rule_all", "scale", "stats"])
+def test_gradients_flow_on_every_backend(backend, case):
+    """With autograd recording, backward works and equals the float64 reference's gradient:
+    the torch path updated SDPA's saved output in place (a RuntimeError in backward), and
+    the forward-only Triton kernel returned an output with no gradient at all."""
+    q, k, v = _qkv(2, 4, 2, 6, 9, 8, torch.float32, seed=3)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, :2] = False
+    kw = dict(scaling=8**-0.5, causal=True, attention_mask=mask[:, None, None, :].expand(2, 1, 6, 9))
+    if case == "gate":
+        kw["head_gate"] = torch.tensor([[1.0, 0.5, 0.0, 2.0]] * 2)
+    if case in ("rule_last", "rule_all", "scale"):
+        kw["segment_starts"] = torch.tensor([[0, 4], [0, 3]])
+    if case == "scale":
+        kw["segment_scale"] = torch.tensor([[[1.0, 0.5]] * 4] * 2)
+    if case.startswith("rule"):
+        kw["adaptive"] = AttentionRule(heads=[0, 2], segment=0, threshold=0.2, scale=0.0,
+                                       rows="last" if case == "rule_last" else "all")
+    def grads_of(fn, dtype):
+        leaves = [t.clone().to(dtype).requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        out = out[0] if isinstance(out, tuple) else out
+        out.double().mul(torch.linspace(-1, 1, out.numel()).view_as(out).double()).sum().backward()
+        return [t.grad.double() for t in leaves]
+
+    grads = [grads_of(lambda *a: masked_attention(*a, return_head_stats=case == "stats", **kw), torch.float32),
+             grads_of(lambda *a: reference.masked_attention(*a, compute_dtype=torch.float64, **kw), torch.float64)]
+    for got, want in zip(*grads):
+        assert (got - want).abs().max() < 1e-5
+    assert grads[1][0].abs().max() > 1e-3
+
+
+def test_no_keys_and_non_finite_rule_values(monkeypatch):
+    """Every backend (the reference included) returns zeros and the empty-row statistics
+    (0, -inf, 0) when there are no keys at all; a NaN rule threshold (a rule that can never
+    fire) or scale is refused."""
+    q = torch.randn(1, 2, 3, 4)
+    empty = torch.zeros(1, 1, 0, 4)
+    for name in ("reference", "torch"):
+        monkeypatch.setenv("AVSS_FAST_BACKEND", name)
+        out, _, stats = masked_attention(q, empty, empty, scaling=0.5, causal=False, return_head_stats=True)
+        assert out.shape == (1, 3, 2, 4) and not out.any()
+        assert stats[..., 0].abs().max() == 0 and (stats[..., 1] == float("-inf")).all() and not stats[..., 2].any()
+    k = torch.randn(1, 1, 5, 4)
+    for bad in (dict(threshold=float("nan")), dict(scale=float("inf"))):
+        with pytest.raises(ValueError, match="must be finite"):
+            masked_attention(q, k, k, scaling=0.5, segment_starts=[0, 2], adaptive=AttentionRule(heads=[0], segment=0, **bad))

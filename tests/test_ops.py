@@ -181,6 +181,24 @@ def test_batches_merge_to_whole(backend):
     assert_moments_close(parts, whole, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_near_zero_at_the_threshold_itself(backend, dtype):
+    """Values equal to the stored form of sparsity_eps (fp32(1e-5) < 1e-5) are below 1e-5 and
+    count, in ordinary rows and in a row with a NaN (the CPU path's slow rows); values one
+    step above it do not. The oracle compares in float64."""
+    at = torch.tensor(1e-5, dtype=dtype)
+    up = torch.nextafter(at.float(), torch.tensor(1.0)).to(dtype) if dtype == torch.float32 else at * 1.01
+    h = torch.ones(2, 3, 8, dtype=dtype)
+    h[0, 0, :3] = at
+    h[0, 1, :2] = -at
+    h[1, 2, :2] = up
+    h[1, 0, :4] = at
+    h[1, 0, 5] = float("nan")
+    want = int(((h.double().abs() < 1e-5) & h.isfinite()).sum())
+    assert want == (9 if float(at) < 1e-5 else 0)
+    assert int(ops.layer_moments(h).near_zero) == int(reference.layer_moments(h).near_zero) == want
+
+
 def test_empty_inputs(backend):
     m = ops.layer_moments(torch.zeros(0, 5, 8))
     assert m.raw()["elements"] == 0 and math.isnan(m.pooled_variance)
@@ -559,3 +577,12 @@ def test_kernel_merge_loops(monkeypatch):
     mask[5] = 0
     ref = reference.layer_moments(h, mask)
     assert_moments_close(_triton_moments(h, mask, tiles=(2, 16, 1, 5)), ref, rtol=2e-5, atol=1e-7)
+
+
+def test_block_similarity_eps_must_be_positive_and_finite():
+    """eps = 0 gave 0/0: NaN on the torch path and cos -1 on the Triton one; NaN was ignored."""
+    z = torch.zeros(1, 2, 4)
+    for eps in (0.0, -1e-8, float("nan"), float("inf"), True, "1e-8"):
+        with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+            ops.block_similarity(z, z, eps=eps)
+    assert ops.block_similarity(z, z, eps=1e-6).raw()["tokens"] == 2
