@@ -188,7 +188,8 @@ def _resolve_inputs(truthful, hallucinated):
 
 def _encode(tokenizer, prompt: str, answer: str, max_length: int, what: str) -> tuple[list[int], list[int]]:
     """Token ids of ``prompt + answer`` and a 0/1 list marking the answer tokens, truncated to
-    ``max_length`` (prompt tokens dropped from the left first)."""
+    ``max_length``: the leading special tokens (BOS, [CLS]) stay, then prompt tokens are
+    dropped from the left, then the answer's tail."""
     ids = amask = None
     if answer and getattr(tokenizer, "is_fast", False):
         try:
@@ -206,10 +207,20 @@ def _encode(tokenizer, prompt: str, answer: str, max_length: int, what: str) -> 
         ids, amask = p_ids + a_ids, [0] * len(p_ids) + [1] * len(a_ids)
     if not any(amask):
         raise ValueError(f"{what}: the answer {answer!r:.60} tokenises to nothing (no answer tokens)")
+    if len(ids) <= max_length:
+        return ids, amask
     first = amask.index(1)
-    end = min(len(ids), first + max_length)
-    start = max(0, end - max_length)
-    return ids[start:end], amask[start:end]
+    specials = set(getattr(tokenizer, "all_special_ids", None) or ())
+    lead = 0  # the special tokens the tokenizer put first (BOS, [CLS]) are kept
+    while lead < first and ids[lead] in specials:
+        lead += 1
+    if lead >= max_length:
+        lead = 0
+    room = max_length - lead
+    end = min(len(ids), first + room)  # the answer's first tokens
+    start = max(lead, end - room)  # then as much of the prompt's end as fits
+    keep = list(range(lead)) + list(range(start, end))
+    return [ids[i] for i in keep], [amask[i] for i in keep]
 
 
 # ----------------------------------------------------------------------------- report

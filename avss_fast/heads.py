@@ -557,7 +557,9 @@ def intervene(model: nn.Module, intervention: HeadIntervention | None = None, *,
     Switches every config of the model to the ``"avss_fast"`` attention implementation and
     restores each one's previous implementation on exit, also after an exception. Yields an
     :class:`InterventionRun` (``run.calls``: attention calls per layer). An empty
-    intervention gives plain attention (equal to SDPA within dtype tolerance).
+    intervention gives plain attention (equal to SDPA within dtype tolerance). The
+    intervention is read once, on entry: changing its gates or rule inside the ``with``
+    has no effect (enter a new ``with`` for new settings).
 
     Raises ValueError for out-of-range layers/heads and for models whose attention does
     not go through transformers' ``AttentionInterface`` (they cannot take it)."""

