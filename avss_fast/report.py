@@ -225,10 +225,11 @@ def _mark_missing(ax, xs: list[int], values: list[float]) -> None:
                     fontsize=8, color="0.45")
 
 
-def _use_log(values: list[float]) -> bool:
-    """Log scale for a positive series spanning more than three decades."""
+def _use_log(values: list[float], span: float = 1e3) -> bool:
+    """Log scale for a positive series whose largest value is more than ``span`` times its
+    smallest (bars use 100: a bar under 1% of the axis is a pixel or two, invisible)."""
     pos = [v for v in values if math.isfinite(v) and v > 0]
-    return len(pos) >= 2 and max(pos) / min(pos) > 1e3
+    return len(pos) >= 2 and max(pos) / min(pos) > span
 
 
 def _total_tokens(report: dict) -> int | None:
@@ -382,7 +383,7 @@ def plot_layer_report(report: dict, path) -> pathlib.Path:
 
         # 1. AVSS bars, prune candidates highlighted
         base_c, hi_c = "#4C72B0", "#DD5555"
-        log_avss = _use_log(avss)
+        log_avss = _use_log(avss, span=1e2)
         bar_h = [v if math.isfinite(v) and (v > 0 or not log_avss) else math.nan for v in avss]
         colours = [hi_c if x in candidates else base_c for x in xs]
         ax_avss.bar(xs, bar_h, color=colours, width=0.8)

@@ -299,3 +299,20 @@ def test_long_model_paths_are_shortened_for_the_figure_title():
     assert _short_model_name(hub) == hub  # a hub name is never cut
     deep = "/data/models/" + "m" * 70 + "/model"
     assert _short_model_name(deep) == ".../" + "m" * 70 + "/model"  # the model's folder kept whole
+
+
+@pytest.mark.parametrize("avss,log", [([7.26, 2450.0, 2710.0, 5490.0], True), ([700.0, 2450.0, 5490.0], False)])
+def test_avss_bars_go_log_when_the_smallest_would_vanish(tmp_path, monkeypatch, avss, log):
+    """The MiniLM report: layer 5's AVSS of 7 beside 5490 was a bar under a pixel on a
+    linear axis (a prune candidate drawn invisibly); over two decades the bars are on a log
+    axis. A span under 100 stays linear."""
+    import matplotlib.pyplot as plt
+
+    figs = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figs.append(fig) or real_close(fig))
+    rep = make_report()
+    rep["layers"] = [_layer(i, avss=a, bi=0.1, ad=0.1) for i, a in enumerate(avss)]
+    rep["num_layers"] = len(avss)
+    R.plot_layer_report(rep, tmp_path / "r.png")
+    assert figs[-1].axes[0].get_yscale() == ("log" if log else "linear")
