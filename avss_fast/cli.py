@@ -113,10 +113,12 @@ def check_out(path: str, kind: str) -> Path:
     return p
 
 
-def load_model(path: str, *, device: str = "auto", dtype: str = "auto"):
+def load_model(path: str, *, device: str = "auto", dtype: str = "auto", classifier: bool = False):
     """Load a Hugging Face model and tokenizer from a local directory (offline) or hub name.
 
-    Causal LMs load with ``AutoModelForCausalLM``, encoders with ``AutoModel``."""
+    Causal LMs load with ``AutoModelForCausalLM``, encoders with ``AutoModel``; with
+    ``classifier``, a checkpoint saved as a ``*ForSequenceClassification`` loads as one
+    (its head kept)."""
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -146,6 +148,8 @@ def load_model(path: str, *, device: str = "auto", dtype: str = "auto"):
         "bert", "distilbert", "roberta", "xlm-roberta", "electra", "mpnet"
     )
     cls = AutoModel if encoder else AutoModelForCausalLM
+    if classifier and any(str(a).endswith("ForSequenceClassification") for a in (config.architectures or [])):
+        from transformers import AutoModelForSequenceClassification as cls
     try:
         try:
             model = cls.from_pretrained(path, **load_kw)
@@ -196,8 +200,9 @@ def cmd_score(args) -> int:
     if all(r["near_zero"] == 0 for r in d["layers"]):
         print("note: no value fell below the sparsity threshold in any layer, so AVSS = variance x elements "
               "(see avss_guard in report.json); try --sparsity-rel 0.01 for a scale-free sparsity.")
-    lowest = report.ranking("avss")[: layers_for_ratio(len(report), 0.25)]
-    print(f"lowest-AVSS layers (prune candidates at 25%): {lowest}")
+    k = layers_for_ratio(len(report), 0.25)
+    lowest = report.ranking("avss")[:k]
+    print(f"lowest-AVSS layers (prune candidates: 25% of {len(report)} layers, rounded, = {k}): {lowest}")
     print(f"wrote {json_path}, {csv_path}, {png_path}")
     return 0
 
@@ -257,6 +262,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (ValueError, OSError) as e:  # FileNotFoundError, UnicodeDecodeError (a ValueError) included
         print(f"avss-fast: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        from .native import NativeUnavailableError
+
+        if not isinstance(e, NativeUnavailableError):
+            raise
+        print(f"avss-fast: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
 
 

@@ -175,7 +175,7 @@ def cmd_generate(args) -> int:
     if first_diff is None:
         print(f"the intervention did not change the {len(plain)} generated tokens")
     else:
-        print(f"generations differ from generated token {first_diff} on")
+        print(f"generations differ from generated token {first_diff} on (counting from 0)")
     return 0
 
 
@@ -187,14 +187,16 @@ def register(sub) -> None:
     g.add_argument("--heads", help="LAYER:HEAD list, e.g. 3:5,4:1 or 4:* (default: every head of the middle layer)")
     g.add_argument("--heads-from", help="JSON file with 'hal_heads' (as avss-fast heads writes) or [[l, h], ...]")
     g.add_argument("--top-k", type=int, default=None, help="with --heads-from: use only the first K heads")
-    g.add_argument("--mode", choices=("gate", "reweight", "adaptive"), default="gate")
+    g.add_argument("--mode", choices=("gate", "reweight", "adaptive"), default="gate",
+                   help="gate: scale the heads' outputs; reweight: scale their attention to --segment; adaptive: "
+                        "reweight only where that attention mass reaches --threshold (ADHH) (default gate)")
     g.add_argument("--segment-starts", help="token positions where segments begin, e.g. 0,12 "
                                             "(default: 0,<prompt length>: segment 1 = generated text)")
     g.add_argument("--segment", type=int, default=None, help="segment the rule acts on (default: the last)")
     g.add_argument("--scale", type=float, default=None,
                    help="factor (default: 0 for gate and adaptive, 0.5 for reweight)")
     g.add_argument("--threshold", type=float, default=0.4, help="adaptive: mass threshold (default 0.4)")
-    g.add_argument("--max-new-tokens", type=int, default=40)
+    g.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate, greedily (default 40)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     g.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -56,7 +56,8 @@ def cmd_hallucination(args) -> int:
     print(f"layers: {len(rows)} at {report.layers_path}   answer tokens: {tok_t} truthful, {tok_h} hallucinated")
     thr = f"|h| < {args.sparsity_rel} x token rms" if args.sparsity_rel else f"|h| < {args.sparsity_eps:g}"
     print(f"sparsity threshold: {thr}")
-    print("eavss = hsav / hss; hsav = Var(H) / Var(T), hss = Sparsity(H) / Sparsity(T) (this project's definitions)")
+    print("eavss = hsav / hss; hsav = Var(H) / Var(T), hss = max(Sparsity(H), 1/N) / max(Sparsity(T), 1/N) "
+          "with N = the smaller element count (this project's definitions)")
     print()
     print(report.table("eavss"))
     print()
@@ -79,7 +80,7 @@ def register(sub) -> None:
     h.add_argument("--model", help="model directory or hub name (default: the shipped demo LM)")
     h.add_argument("--data", help="JSONL of {prompt, truthful, hallucinated} records "
                                   "(default: built-in held-out Shakespeare data for the demo LM)")
-    h.add_argument("--batch-size", type=int, default=8)
+    h.add_argument("--batch-size", type=int, default=8, help="prompt+answer pairs per forward pass (default 8)")
     h.add_argument("--max-length", type=int, default=256,
                    help="tokens per prompt+answer; prompts are cut from the left (default 256)")
     h.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")

