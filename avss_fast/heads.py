@@ -308,12 +308,26 @@ class InterventionRun:
         self._rule_on: dict[int, torch.Tensor] = {}  # layer -> [Hq] int64, 1 for the rule's heads
         self._call: tuple | None = None  # (args, kwargs) of the model call under way, for key_columns()
         self._columns: int | None = None
+        self._in_call: Counter[int] | None = None  # attention calls per layer in the model call under way
 
     def _on_model_call(self, module, args, kwargs) -> None:
         self._call, self._columns = (args, kwargs), None
+        self._in_call = Counter()
 
     def _after_model_call(self, *unused) -> None:
-        self._call, self._columns = None, None
+        self._call, self._columns, self._in_call = None, None, None
+
+    def count_call(self, layer: int, what: str) -> None:
+        """Refuse a layer whose attention runs twice in one call of the model (a block shared
+        across depths, as ALBERT's): a gate or statistic of "layer i" would cover every use."""
+        if self._in_call is None:  # a call of a submodule, not of the model given to intervene
+            return
+        self._in_call[layer] += 1
+        if self._in_call[layer] == 2:
+            raise ValueError(
+                f"the attention of layer {layer} ({what}) ran twice in one forward: its block is shared across "
+                "depths (ALBERT-style), so per-layer head gates and statistics cannot tell its uses apart"
+            )
 
     def key_columns(self) -> int | None:
         """Key columns of the model call under way (cached keys and this call's tokens): the
@@ -466,22 +480,27 @@ def avss_fast_attention(module: nn.Module, query, key, value, attention_mask, sc
         key, value = key[:, :, :Sq], value[:, :, :Sq]
     if mask is not None and mask.shape[2] == 1 and mask.shape[1] == 1:
         mask = mask[:, 0, 0, :]  # decode: a key mask is all there is
+    scale = float(scaling) if scaling is not None else D ** -0.5
+    Dv = value.shape[-1]
+    if Dv != D:  # DeepSeek's MLA: value heads of another size; zero columns change no score and no output
+        if Dv < D:
+            value = torch.nn.functional.pad(value, (0, D - Dv))
+        else:
+            query, key = torch.nn.functional.pad(query, (0, Dv - D)), torch.nn.functional.pad(key, (0, Dv - D))
     entry = _ACTIVE.get(id(module))
     if entry is not None:
         layer, run = entry
         run.calls[layer] += 1
+        run.count_call(layer, type(module).__name__)
         args = run.attention_args(layer, B, Hq, query.device)
         if kwargs.get("sliding_window"):  # a rolling cache keeps the last keys only
             args = run.window_args(args, Sq, key.shape[2])
     else:
         args = _PLAIN
-    res = ops.masked_attention_prepared(
-        query, key, value, args, scaling=float(scaling) if scaling is not None else D ** -0.5,
-        causal=causal, attention_mask=mask,
-    )
+    res = ops.masked_attention_prepared(query, key, value, args, scaling=scale, causal=causal, attention_mask=mask)
     if entry is not None:
         run.after_call(layer, args, res, mask, B, Sq, key.shape[2])
-    return res.out, None
+    return (res.out[..., :Dv] if Dv < res.out.shape[-1] else res.out), None
 
 
 _PLAIN = ops.AttentionArgs(None, None, None, None)
@@ -532,6 +551,11 @@ def _check_supported(model: nn.Module) -> None:
     if model.training and dropout > 0:
         raise ValueError(f"{type(model).__name__} is in training mode with attention dropout {dropout}; the avss_fast "
                          "attention has no dropout: call model.eval() first")
+    if getattr(text, "relative_attention_num_buckets", None) is not None:
+        raise ValueError(
+            f"{type(model).__name__} adds a learned relative position bias to its attention logits (T5-style); "
+            "the avss_fast attention has none, so this model cannot take head interventions"
+        )
     for name in ("attn_logit_softcapping", "attention_logit_softcapping"):
         if getattr(text, name, None) is not None:
             raise ValueError(

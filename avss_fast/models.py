@@ -420,6 +420,10 @@ ATTENTION_OUTPUT_PATHS = (
     "attention.dense",  # GPT-NeoX
     "attention.output.dense",  # BERT, RoBERTa
     "attention.out_lin",  # DistilBERT
+    "self_attn.dense",  # Phi
+    "attn.out_proj",  # GPT-J, CodeGen
+    "attn.Wo",  # ModernBERT
+    "self_attention.dense",  # Falcon, Bloom
 )
 
 

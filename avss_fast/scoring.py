@@ -101,6 +101,7 @@ class LayerScorer:
         self._token_mask: torch.Tensor | None = None
         self._inputs: dict[int, torch.Tensor] = {}
         self._warned_mask = False
+        self._in_call: list[int] | None = None  # block calls in the model call under way
         self.reset()
 
     def reset(self) -> None:
@@ -116,6 +117,7 @@ class LayerScorer:
         if self._handles:
             raise RuntimeError("LayerScorer is already active")
         self._handles.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._after_model_call, always_call=True))
         for i, block in enumerate(self.layers):
             if self.similarity:
                 self._handles.append(block.register_forward_pre_hook(self._make_pre_hook(i), with_kwargs=True))
@@ -129,7 +131,11 @@ class LayerScorer:
         self._inputs.clear()
         self._mask = None
 
+    def _after_model_call(self, *unused) -> None:
+        self._in_call = None
+
     def _on_model_call(self, module, args, kwargs):
+        self._in_call = [0] * len(self.layers)
         self._mask = _mask_from_forward(args, kwargs)
         given = kwargs.get("attention_mask")
         if self._mask is None and isinstance(given, torch.Tensor) and not self._warned_mask:
@@ -188,6 +194,13 @@ class LayerScorer:
 
     def _make_hook(self, i: int):
         def hook(module, args, output):
+            if self._in_call is not None:  # within a call of the model: each block runs once
+                self._in_call[i] += 1
+                if self._in_call[i] == 2:
+                    raise ValueError(
+                        f"block {i} ({type(module).__name__}) ran twice in one forward: it is shared across depths "
+                        "(ALBERT-style), so per-layer statistics cannot tell its uses apart"
+                    )
             h = block_hidden_from_output(output)
             mask = self._block_mask(h)
             m = ops.layer_moments(h, mask, sparsity_eps=self.sparsity_eps, sparsity_rel=self.sparsity_rel)

@@ -93,6 +93,33 @@ def test_gradient_screen_is_the_derivative(score):
     assert est[0, 1, 3].item() == pytest.approx(fd, rel=2e-3, abs=1e-9)  # central difference: O(eps^2)
 
 
+@pytest.mark.parametrize("family", ["phi", "gptj", "codegen"])
+def test_gradient_screen_finds_other_projection_names(family):
+    """Phi's self_attn.dense and GPT-J/CodeGen's attn.out_proj: the screen runs (it could not
+    find their output projection) and is the derivative of the gated probability, checked
+    by a central difference through intervene's gates."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = dict(vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "phi":
+        sizes.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=64)
+    else:
+        sizes.update(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **sizes)).to(torch.float64).eval()
+    ids = _ids(B=1, T=6)
+    est = estimate_head_effects(model, ids, [(0, 5)], score="log_prob_diff", positions="all")
+    y, eps = int(ids[0, 5]), 1e-2
+
+    def objective(g):
+        with torch.no_grad(), intervene(model, HeadIntervention(gates={(1, 2): g})):
+            return float(torch.log_softmax(model(input_ids=ids).logits[0, 4].double(), -1)[y])
+
+    fd = (objective(1 + eps) - objective(1 - eps)) / (2 * eps)
+    assert abs(fd) > 1e-6 and est[0, 1, 2].item() == pytest.approx(fd, rel=2e-3, abs=1e-9)
+
+
 def test_gradient_screen_ranks_like_ablation():
     model = make_tiny("llama", num_layers=3, heads=4, kv_heads=2, vocab=100)
     ids = _ids(B=2, T=10, seed=3)

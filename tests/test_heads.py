@@ -356,6 +356,74 @@ def test_models_that_cannot_take_it():
     with pytest.raises(ValueError, match="not a transformers PreTrainedModel"):
         with intervene(torch.nn.Linear(2, 2)):
             pass
+    from transformers import AutoConfig, T5EncoderModel
+
+    t5 = T5EncoderModel(AutoConfig.for_model("t5", vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                             num_heads=4))
+    with pytest.raises(ValueError, match="relative position bias"):  # on entry, not 26 frames into a forward
+        with intervene(t5, layers_path="encoder.block"):
+            pass
+
+
+def test_a_block_shared_across_depths_is_refused():
+    """ALBERT applies one block at every depth: a gate or statistic of "layer 0" would act
+    on every use, and LayerScorer merged them (3 uses = 3x the tokens). Refused at the
+    second use within one forward."""
+    from transformers import AutoConfig, AutoModel
+
+    from avss_fast.head_stats import HeadScorer
+    from avss_fast.scoring import LayerScorer
+
+    cfg = AutoConfig.for_model("albert", hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                               num_attention_heads=4, vocab_size=100, embedding_size=16)
+    model = AutoModel.from_config(cfg).eval()
+    path = "encoder.albert_layer_groups.0.albert_layers"
+    ids, am = _batch(B=2, T=7, left_pad=0)
+    with torch.no_grad():
+        with LayerScorer(model, layers_path=path), pytest.raises(ValueError, match="ran twice in one forward"):
+            model(input_ids=ids, attention_mask=am)
+        with intervene(model, HeadIntervention(gates={(0, 0): 0.0}), layers_path=path), \
+                pytest.raises(ValueError, match="ran twice in one forward"):
+            model(input_ids=ids, attention_mask=am)
+        with HeadScorer(model, layers_path=path), pytest.raises(ValueError, match="ran twice in one forward"):
+            model(input_ids=ids, attention_mask=am)
+        with LayerScorer(model, layers_path=path) as scorer:  # the block called on its own: one use a call
+            model.encoder.albert_layer_groups[0].albert_layers[0](torch.randn(2, 7, 32))
+    assert scorer.report().layers[0]["tokens"] == 14
+
+
+def test_value_heads_of_another_size(backend):
+    """DeepSeek's MLA: value heads (8) narrower than query/key heads (12). The empty
+    intervention equals SDPA, a gate equals zeroing that head's slice of o_proj's input,
+    and cached generation equals uncached."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(
+        "deepseek_v3", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=100, max_position_embeddings=128, kv_lora_rank=16, q_lora_rank=16,
+        qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+        topk_group=1, moe_intermediate_size=16, first_k_dense_replace=1, n_shared_experts=1, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    ids, am = _batch(T=9, left_pad=2)
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=am).logits
+        h = model.model.layers[1].self_attn.o_proj.register_forward_pre_hook(_zero_slice_hook(2, 8))
+        try:
+            ref = model(input_ids=ids, attention_mask=am).logits
+        finally:
+            h.remove()
+        with intervene(model):
+            empty = model(input_ids=ids, attention_mask=am).logits
+        with intervene(model, HeadIntervention(gates={(1, 2): 0.0})):
+            got = model(input_ids=ids, attention_mask=am).logits
+            kw = dict(input_ids=ids, attention_mask=am, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            cached, full = model.generate(**kw), model.generate(**kw, use_cache=False)
+    valid = am.bool()
+    assert (empty - plain)[valid].abs().max() < 2e-5
+    assert (got - ref)[valid].abs().max() < 2e-5 and (plain - ref)[valid].abs().max() > 1e-4
+    assert torch.equal(cached, full)
 
 
 def test_output_attentions_is_refused():
