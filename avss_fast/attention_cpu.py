@@ -157,7 +157,9 @@ def masked_attention_torch(
     """Same contract as ``kernels.masked_attention.masked_attention_fwd``: returns
     ``(out, mass, stats, fired)``, the last three None unless requested."""
     B, Hq, Sq, D = q.shape
-    if Sq == 1 and (segment_starts is not None or head_gate is not None or return_head_stats):
+    if Sq == 1:  # decoding: one explicit row, also without any intervention, so that a plain row and
+        # a gated one (attribute_heads' baseline and its ablations) round alike; as fast as SDPA in
+        # fp32 and 3-4x faster in bf16 at 512-2048 keys
         return _one_row(
             q, k, v, scaling=scaling, key_mask=key_mask, full_mask=full_mask, head_gate=head_gate,
             segment_starts=segment_starts, segment_scale=segment_scale, rule_heads=rule_heads,

@@ -481,6 +481,11 @@ def avss_fast_attention(module: nn.Module, query, key, value, attention_mask, sc
     if mask is not None and mask.shape[2] == 1 and mask.shape[1] == 1:
         mask = mask[:, 0, 0, :]  # decode: a key mask is all there is
     scale = float(scaling) if scaling is not None else D ** -0.5
+    dt = _autocast_dtype(query.device.type)
+    if dt is not None or not (query.dtype == key.dtype == value.dtype):
+        # as SDPA under autocast: one compute dtype (RoPE leaves q, k in fp32 beside a bf16 v)
+        dt = dt if dt is not None else query.dtype
+        query, key, value = query.to(dt), key.to(dt), value.to(dt)
     Dv = value.shape[-1]
     if Dv != D:  # DeepSeek's MLA: value heads of another size; zero columns change no score and no output
         if Dv < D:
@@ -504,6 +509,20 @@ def avss_fast_attention(module: nn.Module, query, key, value, attention_mask, sc
 
 
 _PLAIN = ops.AttentionArgs(None, None, None, None)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in force for ``device_type``, or None."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return None
+    except (TypeError, AttributeError, RuntimeError):  # torch < 2.4: per-device functions
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        if device_type == "cuda":
+            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+        return None
 
 
 def register() -> None:

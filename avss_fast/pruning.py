@@ -654,6 +654,9 @@ def perplexity(
             examples += ids.shape[0]
     if count == 0:
         raise ValueError("perplexity: no token to predict (every text is shorter than 2 tokens)")
+    if not math.isfinite(nll_sum):
+        raise ValueError(f"perplexity: the model's log-probabilities are not finite ({type(model).__name__} in "
+                         f"{next(model.parameters()).dtype}: a float16 overflow?); evaluate in float32 or bfloat16")
     mean = nll_sum / count
     return Measurement("perplexity", "perplexity", math.exp(mean), examples, tokens=count, nll=mean)
 

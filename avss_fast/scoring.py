@@ -101,6 +101,7 @@ class LayerScorer:
         self._token_mask: torch.Tensor | None = None
         self._inputs: dict[int, torch.Tensor] = {}
         self._warned_mask = False
+        self._warned_dtype = False
         self._in_call: list[int] | None = None  # block calls in the model call under way
         self.reset()
 
@@ -202,6 +203,15 @@ class LayerScorer:
                         "(ALBERT-style), so per-layer statistics cannot tell its uses apart"
                     )
             h = block_hidden_from_output(output)
+            if h.dtype in (torch.bfloat16, torch.float16) and self.sparsity_rel is None and not self._warned_dtype:
+                self._warned_dtype = True
+                import warnings
+
+                warnings.warn(
+                    f"activations are {str(h.dtype).removeprefix('torch.')}: at |h| < {self.sparsity_eps:g} the "
+                    "near-zero counts are mostly exact zeros left by rounding (a residual add that cancels), "
+                    "not sparsity, and they change AVSS's ranking; use sparsity_rel (--sparsity-rel 0.01) "
+                    "or float32", UserWarning, stacklevel=2)
             mask = self._block_mask(h)
             m = ops.layer_moments(h, mask, sparsity_eps=self.sparsity_eps, sparsity_rel=self.sparsity_rel)
             self.moments[i] = m if self.moments[i] is None else self.moments[i] + m
@@ -242,6 +252,16 @@ class LayerScorer:
             # the collective, so no rank hangs)
             raise ValueError("LayerScorer saw no valid token: every position of every batch was padding "
                              "(attention_mask == 0), or the data was empty") if self.batches else no_data
+        bad = [(i, int(m.nonfinite), int(m.elements) + int(m.nonfinite)) for i, m in enumerate(moments)
+               if int(m.nonfinite)]
+        if bad:
+            import warnings
+
+            worst = max(bad, key=lambda b: b[1] / b[2])
+            warnings.warn(
+                f"{len(bad)} layer(s) had NaN/Inf activations at valid positions, left out of every statistic "
+                f"(worst: layer {worst[0]}, {worst[1]} of {worst[2]} values, {worst[1] / worst[2]:.1%}); "
+                "a float16 overflow? (see 'nonfinite' in the report)", UserWarning, stacklevel=2)
         if model_name is None:
             model_name = getattr(getattr(self.model, "config", None), "_name_or_path", None) or type(self.model).__name__
         return LayerReport(

@@ -223,3 +223,26 @@ def test_gradient_screen_refuses_inference_mode():
 def test_encoder_is_refused():
     with pytest.raises(ValueError, match="causal language model"):
         attribute_heads(make_tiny("bert"), _ids(), [(0, 3)])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_null_ablation_has_no_effect_in_low_precision(monkeypatch, dtype):
+    """With every "ablated" gate set to 1 nothing changes, so every effect must be 0. In bf16
+    the unablated baseline row went through SDPA and the gated rows through the explicit
+    fp32 row: a systematic bias of about a third of a typical effect. One decode path now."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import avss_fast
+    import avss_fast.attribution as A
+
+    path = avss_fast.demo_model_path()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    ids = AutoTokenizer.from_pretrained(path)(["To be, or not to be: that is the question"],
+                                              return_tensors="pt")["input_ids"]
+    targets = [(0, 20), (0, 35)]
+    real = attribute_heads(model, ids, targets)
+    one_gates = A._one_head_gates
+    monkeypatch.setattr(A, "_one_head_gates",
+                        lambda chunk: {k: [1.0] * len(v) for k, v in one_gates(chunk).items()})
+    null = attribute_heads(model, ids, targets)
+    assert float(real.abs().max()) > 1e-3 and float(null.abs().max()) < 1e-6

@@ -450,3 +450,32 @@ def test_training_mode_with_attention_dropout_is_refused():
     finally:
         model.eval()
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_under_autocast():
+    """RoPE leaves q, k in fp32 beside a bf16 v under CPU autocast: the attention computes in
+    the autocast dtype as SDPA does (it raised "q, k, v must share a dtype"), and a gate
+    still equals zeroing the head's slice of o_proj's input."""
+    from avss_fast.head_stats import HeadScorer
+
+    model = make_tiny("llama", heads=4, kv_heads=2)
+    hd = model.config.hidden_size // model.config.num_attention_heads
+    ids, am = _batch()
+    valid = am.bool()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = _out(model(input_ids=ids, attention_mask=am)).float()
+        h = model.model.layers[1].self_attn.o_proj.register_forward_pre_hook(_zero_slice_hook(2, hd))
+        try:
+            ref = _out(model(input_ids=ids, attention_mask=am)).float()
+        finally:
+            h.remove()
+        with intervene(model):
+            empty = _out(model(input_ids=ids, attention_mask=am)).float()
+        with intervene(model, HeadIntervention(gates={(1, 2): 0.0})):
+            got = _out(model(input_ids=ids, attention_mask=am)).float()
+        with HeadScorer(model) as scorer:
+            model(input_ids=ids, attention_mask=am)
+    errs = float((empty - plain)[valid].abs().max()), float((got - ref)[valid].abs().max())
+    effect = float((plain - ref)[valid].abs().max())
+    assert max(errs) < 1e-2 < 5e-2 < effect  # bf16 rounding at most, well under what the ablation changes
+    assert all(v == v for v in scorer.report().stats["entropy"]["mean"][0])  # finite statistics

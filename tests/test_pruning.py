@@ -608,3 +608,13 @@ def test_cli_multiple_choice_cumulative_and_errors(tmp_path, capsys):
         _run(["--eval", str(tmp_path / "missing.jsonl")])
     with pytest.raises(SystemExit):
         _run(["--metric", "biggest"])
+
+
+def test_perplexity_of_non_finite_logits_is_an_error():
+    """An overflowing model gave perplexity NaN (and retention NaN) silently."""
+    model = make_tiny("llama", num_layers=2)
+    b = random_batch(model, batch=2, seq=6)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[int(b["input_ids"][0, 2])] = float("inf")
+    with pytest.raises(ValueError, match="log-probabilities are not finite"):
+        perplexity(model, [b])

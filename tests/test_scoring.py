@@ -283,3 +283,25 @@ def test_a_mask_that_is_not_a_padding_mask_is_warned_about():
             warnings.simplefilter("error")  # once only
             model(input_ids=b["input_ids"], attention_mask=four_d)
     assert scorer.report().layers[0]["tokens"] == 2 * 2 * 5
+
+
+def test_low_precision_and_non_finite_activations_are_warned_about():
+    """bf16 activations with an absolute threshold: the near-zero counts are rounding zeros
+    (one warning, none with sparsity_rel); NaN/Inf activations left out of the statistics
+    are named at report time instead of a normal-looking report of fewer tokens."""
+    import warnings
+
+    model = make_tiny("llama", num_layers=2).to(torch.bfloat16)
+    b = random_batch(model, batch=2, seq=6)
+    with pytest.warns(UserWarning, match=r"activations are bfloat16: at \|h\| < 1e-05"):
+        score_layers(model, [b], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        score_layers(model, [b], progress=False, sparsity_rel=0.01)
+
+    model = make_tiny("llama", num_layers=2)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[int(b["input_ids"][0, 2])] = float("inf")
+    with pytest.warns(UserWarning, match=r"2 layer\(s\) had NaN/Inf activations .*\(worst: layer \d, \d+ of \d+ values"):
+        rep = score_layers(model, [b], progress=False)
+    assert all(r["nonfinite"] > 0 for r in rep.layers)
