@@ -306,49 +306,49 @@ class InterventionRun:
         self._fired: dict[int, torch.Tensor] = {}  # layer -> [Hq] rows it fired on (device)
         self._last_rows: dict[int, int] = {}  # layer -> rows checked by a rows="last" rule
         self._rule_on: dict[int, torch.Tensor] = {}  # layer -> [Hq] int64, 1 for the rule's heads
-        self._call: tuple | None = None  # (args, kwargs) of the model call under way, for key_columns()
         self._columns: int | None = None
-        self._in_call: Counter[int] | None = None  # attention calls per layer in the model call under way
+        self._in_call: list[int] | None = None  # block calls in the model call under way
 
     def _on_model_call(self, module, args, kwargs) -> None:
-        self._call, self._columns = (args, kwargs), None
-        self._in_call = Counter()
+        """Before each call of the model: reset the per-call block counts and, when segment
+        starts are in use, note the call's total key columns (before any cache update)."""
+        self._in_call = [0] * self.num_layers
+        self._columns = self._key_columns(args, kwargs) if self.segment_starts is not None else None
 
     def _after_model_call(self, *unused) -> None:
-        self._call, self._columns, self._in_call = None, None, None
+        self._columns, self._in_call = None, None
 
-    def count_call(self, layer: int, what: str) -> None:
-        """Refuse a layer whose attention runs twice in one call of the model (a block shared
-        across depths, as ALBERT's): a gate or statistic of "layer i" would cover every use."""
+    def _block_call(self, layer: int, block: nn.Module) -> None:
+        """Refuse a block that runs twice in one call of the model (shared across depths, as
+        ALBERT's): a gate or statistic of "layer i" would cover every use."""
         if self._in_call is None:  # a call of a submodule, not of the model given to intervene
             return
         self._in_call[layer] += 1
         if self._in_call[layer] == 2:
             raise ValueError(
-                f"the attention of layer {layer} ({what}) ran twice in one forward: its block is shared across "
-                "depths (ALBERT-style), so per-layer head gates and statistics cannot tell its uses apart"
+                f"block {layer} ({type(block).__name__}) ran twice in one forward: it is shared across depths "
+                "(ALBERT-style), so per-layer head gates and statistics cannot tell its uses apart"
             )
 
-    def key_columns(self) -> int | None:
-        """Key columns of the model call under way (cached keys and this call's tokens): the
-        length of its [B, T] ``attention_mask``, else the input length plus the cache's
-        ``get_seq_length()`` (``past_key_values`` or ``cache``); None outside a call of the
-        hooked model."""
-        if self._columns is None and self._call is not None:
-            from .scoring import _mask_from_forward
+    @staticmethod
+    def _key_columns(args, kwargs):
+        """Key columns of a model call (cached keys and its tokens), read before the forward
+        updates any cache: the length of its [B, T] ``attention_mask``, else the input length
+        plus the cache's ``get_seq_length()`` (``past_key_values`` or ``cache``; an int, or a
+        device tensor for static caches, kept as one: no synchronisation); None if neither
+        is known."""
+        from .scoring import _mask_from_forward
 
-            args, kwargs = self._call
-            mask = _mask_from_forward(args, kwargs)
-            if mask is not None:
-                self._columns = mask.shape[-1]
-            else:
-                x = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
-                x = kwargs.get("inputs_embeds") if x is None else x
-                past = kwargs.get("past_key_values", kwargs.get("cache"))
-                if isinstance(x, torch.Tensor) and x.dim() >= 2:
-                    seen = past.get_seq_length() if hasattr(past, "get_seq_length") else 0
-                    self._columns = x.shape[1] + int(seen)
-        return self._columns
+        mask = _mask_from_forward(args, kwargs)
+        if mask is not None:
+            return mask.shape[-1]
+        x = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+        x = kwargs.get("inputs_embeds") if x is None else x
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            return None
+        past = kwargs.get("past_key_values", kwargs.get("cache"))
+        seen = past.get_seq_length() if hasattr(past, "get_seq_length") else 0
+        return x.shape[1] + seen
 
     def window_args(self, args: ops.AttentionArgs, Sq: int, Sk: int) -> ops.AttentionArgs:
         """``args`` for a sliding-window layer whose cache keeps only the last ``Sk`` keys:
@@ -357,14 +357,16 @@ class InterventionRun:
         is empty). A device op, no synchronisation."""
         if args.segment_starts is None or Sk == Sq:
             return args
-        columns = self.key_columns()
+        columns = self._columns
         if columns is None:
             raise ValueError(
                 "segment starts on a sliding-window layer with a cache need the model's own call (its "
                 "attention_mask, or past_key_values): call the model intervene() was given"
             )
         off = columns - Sk
-        if off <= 0:
+        if isinstance(off, torch.Tensor):  # a static cache's length: stays on the device
+            off = off.clamp_min(0).to(device=args.segment_starts.device, dtype=args.segment_starts.dtype)
+        elif off <= 0:
             return args
         return args._replace(segment_starts=(args.segment_starts - off).clamp_min_(0))
 
@@ -496,7 +498,6 @@ def avss_fast_attention(module: nn.Module, query, key, value, attention_mask, sc
     if entry is not None:
         layer, run = entry
         run.calls[layer] += 1
-        run.count_call(layer, type(module).__name__)
         args = run.attention_args(layer, B, Hq, query.device)
         if kwargs.get("sliding_window"):  # a rolling cache keeps the last keys only
             args = run.window_args(args, Sq, key.shape[2])
@@ -633,6 +634,7 @@ def intervene(model: nn.Module, intervention: HeadIntervention | None = None, *,
     _ACTIVE.update(owned)
     hooks = [model.register_forward_pre_hook(run._on_model_call, with_kwargs=True),
              model.register_forward_hook(run._after_model_call, always_call=True)]
+    hooks += [block.register_forward_pre_hook(lambda m, a, i=i: run._block_call(i, m)) for i, block in enumerate(blocks)]
     try:
         try:
             model.set_attn_implementation(ATTENTION_NAME)

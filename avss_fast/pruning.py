@@ -278,15 +278,18 @@ def _is_config(obj: Any) -> bool:
     return hasattr(obj, "to_dict") and hasattr(obj, "model_type")
 
 
-def _layer_count(cfg: Any) -> int | None:
+def _layer_counts(cfg: Any) -> set[int]:
+    """Every layer count ``cfg`` declares (BART: ``num_hidden_layers`` is its encoder's
+    count, ``decoder_layers`` another)."""
+    counts = set()
     for name in _LAYER_COUNT_NAMES:
         try:
             v = getattr(cfg, name)
         except AttributeError:
             continue
         if isinstance(v, int) and not isinstance(v, bool):
-            return v
-    return None
+            counts.add(v)
+    return counts
 
 
 def _layer_config(model: nn.Module, n_old: int):
@@ -305,7 +308,7 @@ def _layer_config_in(cfg: Any, n_old: int):
         pass
     candidates += [v for v in vars(cfg).values() if _is_config(v)]
     for c in candidates:
-        if _layer_count(c) == n_old:
+        if n_old in _layer_counts(c):
             return c
     return None
 

@@ -203,7 +203,8 @@ class LayerScorer:
                         "(ALBERT-style), so per-layer statistics cannot tell its uses apart"
                     )
             h = block_hidden_from_output(output)
-            if h.dtype in (torch.bfloat16, torch.float16) and self.sparsity_rel is None and not self._warned_dtype:
+            if (h.dtype in (torch.bfloat16, torch.float16) and self.sparsity_rel is None and self.sparsity_eps > 0
+                    and not self._warned_dtype):
                 self._warned_dtype = True
                 import warnings
 

@@ -205,6 +205,39 @@ def test_sliding_window_layers_place_segments_by_position(family, cache, backend
     np.testing.assert_allclose(a.stats["segment_mass"]["mean"], b.stats["segment_mass"]["mean"], atol=2e-5)
 
 
+@pytest.mark.parametrize("case", ["one_unpadded", "one_unpadded_static", "chunked_static", "short_padded_static"])
+def test_sliding_window_segments_without_a_mask_or_with_a_short_prompt(case):
+    """generate drops an all-ones mask (batch 1, no padding), so the key columns come from
+    the cache length, read before the forward updates it (counted twice before: the starts
+    moved one too far each step); a static cache with a prompt shorter than the window, and
+    chunked prefill into a static cache, also match generation without a cache."""
+    model = make_tiny("mistral", num_layers=2, heads=4, kv_heads=2, vocab=100)
+    model.config.sliding_window = 4
+    if case.startswith("one"):
+        ids, am = _batch(B=1, T=7, left_pad=0)
+        starts = [0, 3]
+    elif case == "chunked_static":
+        ids, am = _batch(B=1, T=9, left_pad=0)
+        starts = [0, 3]
+    else:
+        ids, am = _batch(B=2, T=3, left_pad=1)
+        starts = shift_segment_starts([[0, 1], [0, 2]], am)
+    iv = HeadIntervention(reweight={(0, h): {0: 0.0} for h in range(4)} | {(1, h): {1: 0.3} for h in range(4)},
+                          segment_starts=starts)
+    kw = dict(input_ids=ids, attention_mask=am, pad_token_id=0, max_new_tokens=7, do_sample=False,
+              return_dict_in_generate=True, output_logits=True)
+    extra = {"cache_implementation": "static"} if case.endswith("static") else {}
+    if case == "chunked_static":
+        extra["prefill_chunk_size"] = 3
+    with torch.no_grad(), intervene(model, iv):
+        cached = model.generate(**kw, **extra)
+        full = model.generate(**kw, use_cache=False)
+    with torch.no_grad():
+        plain = model.generate(**kw)
+    assert max((a - b).abs().max().item() for a, b in zip(cached.logits, full.logits)) < 1e-5
+    assert max((a - b).abs().max().item() for a, b in zip(full.logits, plain.logits)) > 1e-3
+
+
 # ----------------------------------------------------------------------------- real encoder
 
 
@@ -390,6 +423,17 @@ def test_a_block_shared_across_depths_is_refused():
         with LayerScorer(model, layers_path=path) as scorer:  # the block called on its own: one use a call
             model.encoder.albert_layer_groups[0].albert_layers[0](torch.randn(2, 7, 32))
     assert scorer.report().layers[0]["tokens"] == 14
+    # two attention calls in one block (BART's decoder: self- and cross-attention) are no sharing
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    bart = BartForConditionalGeneration(BartConfig(
+        vocab_size=64, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2)).eval()
+    x = torch.randint(3, 64, (1, 8))
+    with torch.no_grad(), intervene(bart) as run:
+        bart(input_ids=x, decoder_input_ids=x)
+    assert dict(run.calls) == {0: 2, 1: 2}
 
 
 def test_value_heads_of_another_size(backend):

@@ -618,3 +618,23 @@ def test_perplexity_of_non_finite_logits_is_an_error():
         model.model.embed_tokens.weight[int(b["input_ids"][0, 2])] = float("inf")
     with pytest.raises(ValueError, match="log-probabilities are not finite"):
         perplexity(model, [b])
+
+
+def test_prune_bart_decoder_with_another_encoder_depth(tmp_path):
+    """BartForCausalLM from a 4-encoder / 3-decoder config (distilbart-like): num_hidden_layers
+    is the encoder's 4, the blocks are the decoder's 3. The decoder count is found and
+    updated, so the saved model reloads equal (it reloaded with a random layer)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("bart", vocab_size=100, d_model=32, encoder_layers=4, decoder_layers=3,
+                               encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                               decoder_ffn_dim=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    small = prune_layers(model, [1])
+    assert (small.config.decoder_layers, small.config.encoder_layers) == (2, 4)
+    small.save_pretrained(tmp_path / "m")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    ids = torch.randint(3, 100, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(small(input_ids=ids).logits, again(input_ids=ids).logits)
