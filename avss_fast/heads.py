@@ -634,7 +634,14 @@ def intervene(model: nn.Module, intervention: HeadIntervention | None = None, *,
     _ACTIVE.update(owned)
     hooks = [model.register_forward_pre_hook(run._on_model_call, with_kwargs=True),
              model.register_forward_hook(run._after_model_call, always_call=True)]
-    hooks += [block.register_forward_pre_hook(lambda m, a, i=i: run._block_call(i, m)) for i, block in enumerate(blocks)]
+    from .pruning import _layer_config
+
+    if _layer_config(model, num_layers) is None:
+        # no config declares this many layers: a block may be applied at several depths (ALBERT's one
+        # block for 12 layers), so count block calls (a hook per block costs ~0.1 ms per decode step
+        # each on CPU, so only here)
+        hooks += [block.register_forward_pre_hook(lambda m, a, i=i: run._block_call(i, m))
+                  for i, block in enumerate(blocks)]
     try:
         try:
             model.set_attn_implementation(ATTENTION_NAME)
