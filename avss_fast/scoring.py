@@ -211,7 +211,7 @@ class LayerScorer:
                 warnings.warn(
                     f"activations are {str(h.dtype).removeprefix('torch.')}: at |h| < {self.sparsity_eps:g} the "
                     "near-zero counts are mostly exact zeros left by rounding (a residual add that cancels), "
-                    "not sparsity, and they change AVSS's ranking; use sparsity_rel (--sparsity-rel 0.01) "
+                    "not sparsity, and can reorder AVSS; use sparsity_rel (--sparsity-rel 0.01) "
                     "or float32", UserWarning, stacklevel=2)
             mask = self._block_mask(h)
             m = ops.layer_moments(h, mask, sparsity_eps=self.sparsity_eps, sparsity_rel=self.sparsity_rel)
