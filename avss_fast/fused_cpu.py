@@ -100,14 +100,6 @@ def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat([p.reshape(-1) for p in parts])
 
 
-def _strict_fp32(x: float) -> float:
-    """The fp32 value ``t`` with ``v < t`` exactly when ``v < x``, for every fp32 ``v``:
-    ``x`` rounded to fp32, or the next fp32 up when that rounding went down (fp32(1e-5) is
-    below 1e-5). Compare it with fp32 tensors only (a bf16 tensor would round it)."""
-    t = torch.tensor(x, dtype=_F32)
-    return float(torch.nextafter(t, torch.tensor(float("inf"))) if float(t) < x else t)
-
-
 def layer_moments_packed(
     hidden: torch.Tensor, attention_mask: torch.Tensor | None, sparsity_eps: float, sparsity_rel: float | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +117,6 @@ def layer_moments_packed(
     valid = _valid_tokens(attention_mask)
     invalid = None if valid is None else ~valid
     rel = sparsity_rel is not None
-    eps32 = None if rel else _strict_fp32(sparsity_eps)  # fp32 |x| < eps32 exactly when |x| < eps
     inf = float("inf")
     zero_i = torch.zeros((), dtype=_I64, device=dev)
 
@@ -224,7 +215,7 @@ def layer_moments_packed(
                 rms = ((xz.to(_F64) ** 2).sum(-1) / n_r.clamp(min=1)).sqrt()
                 near = xr.abs() < (sparsity_rel * rms).to(_F32)[..., None]
             else:
-                near = xr.abs().to(_F32) < eps32
+                near = xr.abs().to(_F32) < sparsity_eps  # in fp32 (a bf16 tensor would round eps)
             extra_nz.append((fin & near).sum())
         elif colcnt is not None:
             colcnt[b0:b1] += f_cnt[:, None]
@@ -246,13 +237,13 @@ def layer_moments_packed(
         thr_rows = (sparsity_rel * (row_mean.square() + row_m2.to(_F64) / D).sqrt()).to(_F32)
         cand = row_amin < thr_rows
     else:
-        cand = row_amin < eps32
+        cand = row_amin < sparsity_eps
     near_zero = zero_i
     if bool(cand.any()):
         if v_rows is not None:
             cand &= v_rows
         xs = hidden[cand.view(B, T)].to(_F32)  # [k, D]
-        near_zero = torch.count_nonzero(xs.abs() < (thr_rows[cand][:, None] if rel else eps32))
+        near_zero = torch.count_nonzero(xs.abs() < (thr_rows[cand][:, None] if rel else sparsity_eps))
     for c in extra_nz:
         near_zero = near_zero + c
     nonfinite = zero_i

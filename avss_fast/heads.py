@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .models import find_layers, model_device
+from .models import count_block_call, find_layers, model_device
 
 ATTENTION_NAME = "avss_fast"  # no "flash" in the name: transformers treats those specially when loading
 
@@ -317,18 +317,6 @@ class InterventionRun:
 
     def _after_model_call(self, *unused) -> None:
         self._columns, self._in_call = None, None
-
-    def _block_call(self, layer: int, block: nn.Module) -> None:
-        """Refuse a block that runs twice in one call of the model (shared across depths, as
-        ALBERT's): a gate or statistic of "layer i" would cover every use."""
-        if self._in_call is None:  # a call of a submodule, not of the model given to intervene
-            return
-        self._in_call[layer] += 1
-        if self._in_call[layer] == 2:
-            raise ValueError(
-                f"block {layer} ({type(block).__name__}) ran twice in one forward: it is shared across depths "
-                "(ALBERT-style), so per-layer head gates and statistics cannot tell its uses apart"
-            )
 
     @staticmethod
     def _key_columns(args, kwargs):
@@ -640,7 +628,7 @@ def intervene(model: nn.Module, intervention: HeadIntervention | None = None, *,
         # no config declares this many layers: a block may be applied at several depths (ALBERT's one
         # block for 12 layers), so count block calls (a hook per block costs ~0.1 ms per decode step
         # each on CPU, so only here)
-        hooks += [block.register_forward_pre_hook(lambda m, a, i=i: run._block_call(i, m))
+        hooks += [block.register_forward_pre_hook(lambda m, a, i=i: count_block_call(run._in_call, i, m))
                   for i, block in enumerate(blocks)]
     try:
         try:

@@ -259,6 +259,21 @@ def _distinct_blocks(model: nn.Module, path: str, blocks: nn.ModuleList) -> nn.M
     return blocks
 
 
+def count_block_call(counts: list[int] | None, i: int, block: nn.Module) -> None:
+    """Count a call of block ``i`` in the model call under way (``counts``: zeros from the
+    model's pre-hook, None outside a call of the model, e.g. a submodule called directly).
+    A second call is a block shared across depths (ALBERT's one block for 12 layers):
+    ValueError, since no per-layer statistic or head gate can tell its uses apart."""
+    if counts is None:
+        return
+    counts[i] += 1
+    if counts[i] == 2:
+        raise ValueError(
+            f"block {i} ({type(block).__name__}) ran twice in one forward: it is shared across depths "
+            "(ALBERT-style), so per-layer statistics and head gates cannot tell its uses apart"
+        )
+
+
 def block_hidden_from_output(output) -> torch.Tensor:
     """The hidden-state tensor in what a transformer block's ``forward`` returned.
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import struct
 from typing import NamedTuple
 
 import torch
@@ -108,8 +109,22 @@ def _eager_or_op(impl, op):
     return op if torch.compiler.is_compiling() else impl
 
 
+def strict_fp32_bound(x: float) -> float:
+    """The fp32 value ``t`` with ``v < t`` exactly when ``v < x``, for every fp32 ``v``
+    (``x >= 0``): ``x`` rounded to fp32, or the next fp32 up when that rounding went down
+    (fp32(1e-5) is 9.99999975e-06, so ``|v| < fp32(1e-5)`` missed ``v = fp32(1e-5)``, which
+    is below 1e-5)."""
+    if not x <= 3.4028234663852886e38:
+        return float("inf")
+    bits = struct.unpack("<I", struct.pack("<f", x))[0]
+    f = struct.unpack("<f", struct.pack("<I", bits))[0]
+    return f if f >= x else struct.unpack("<f", struct.pack("<I", bits + 1))[0]
+
+
 def _layer_moments_impl(hidden, attention_mask, sparsity_eps, sparsity_rel, backend):
     B, T, D = hidden.shape
+    if sparsity_rel is None and backend != "reference":  # the fast paths compare fp32 values with it
+        sparsity_eps = strict_fp32_bound(sparsity_eps)
     if backend == "triton":
         from .kernels import layer_moments_packed
 

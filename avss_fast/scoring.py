@@ -32,7 +32,14 @@ from typing import Any
 import torch
 
 from . import ops
-from .models import block_hidden_from_input, block_hidden_from_output, find_layers, fit_max_length, model_device
+from .models import (
+    block_hidden_from_input,
+    block_hidden_from_output,
+    count_block_call,
+    find_layers,
+    fit_max_length,
+    model_device,
+)
 from .stats import Moments, Similarity
 
 REPORT_FORMAT = "avss_fast.LayerReport/1"
@@ -195,13 +202,7 @@ class LayerScorer:
 
     def _make_hook(self, i: int):
         def hook(module, args, output):
-            if self._in_call is not None:  # within a call of the model: each block runs once
-                self._in_call[i] += 1
-                if self._in_call[i] == 2:
-                    raise ValueError(
-                        f"block {i} ({type(module).__name__}) ran twice in one forward: it is shared across depths "
-                        "(ALBERT-style), so per-layer statistics cannot tell its uses apart"
-                    )
+            count_block_call(self._in_call, i, module)
             h = block_hidden_from_output(output)
             if (h.dtype in (torch.bfloat16, torch.float16) and self.sparsity_rel is None and self.sparsity_eps > 0
                     and not self._warned_dtype):
@@ -427,6 +428,7 @@ class BatchInputs:
     def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
         self.model, self.device = model, device
         self._warned: set[str] = set()
+        self._takes: dict[str, bool] = {}  # key -> model.forward has that argument (read once)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import warnings
@@ -436,7 +438,10 @@ class BatchInputs:
         for key, value in batch.items():
             if key in out or key in _NOT_MODEL_INPUTS:
                 continue
-            if isinstance(value, torch.Tensor) and _accepts(self.model.forward, key):
+            takes = self._takes.get(key)
+            if takes is None:
+                takes = self._takes[key] = _accepts(self.model.forward, key)
+            if isinstance(value, torch.Tensor) and takes:
                 out[key] = value.to(self.device, non_blocking=True)
             elif key not in self._warned:
                 self._warned.add(key)

@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import struct
-
 import torch
 import triton
 import triton.language as tl
 
 #: Largest finite fp32; ``|x| <= FLT_MAX`` is false exactly for NaN and +-Inf.
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
-
-
-def strict_fp32_bound(x: float) -> float:
-    """The fp32 value ``t`` with ``v < t`` exactly when ``v < x``, for every fp32 ``v``
-    (``x >= 0``): ``x`` rounded to fp32, or the next fp32 up when that rounding went down
-    (fp32(1e-5) is 9.99999975e-06, so ``|v| < fp32(1e-5)`` missed ``v = fp32(1e-5)``, which
-    is below 1e-5)."""
-    if not x <= 3.4028234663852886e38:
-        return float("inf")
-    bits = struct.unpack("<I", struct.pack("<f", x))[0]
-    f = struct.unpack("<f", struct.pack("<I", bits))[0]
-    return f if f >= x else struct.unpack("<f", struct.pack("<I", bits + 1))[0]
 
 
 def kernel_mask(attention_mask: torch.Tensor | None, dummy: torch.Tensor):

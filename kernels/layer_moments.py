@@ -75,7 +75,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLT_MAX, kernel_mask, mask_values, strict_fp32_bound, valid_rows, valid_span
+from ._common import FLT_MAX, kernel_mask, mask_values, valid_rows, valid_span
 
 
 @triton.jit
@@ -719,8 +719,7 @@ def layer_moments_partials(
             num_warps=1 if dev.type == "cpu" else 8,
         )
     args = (hidden, mask, thr, colsum, colcnt, rowpart, cnt, T, D, rows_per_split,
-            hidden.stride(0), hidden.stride(1), smb, smt,
-            float(sparsity_rel) if row_thr else strict_fp32_bound(float(sparsity_eps)))
+            hidden.stride(0), hidden.stride(1), smb, smt, float(sparsity_rel if row_thr else sparsity_eps))
     meta = dict(HAS_MASK=has_mask, USE_THR=sparsity_rel is not None, ROW_THR=row_thr, EVEN_D=D % BLOCK_D == 0,
                 BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, ROWS_IN_THREAD=rows_in_thread, num_warps=num_warps)
     # rows "all" only where T and the split are multiples of 16: then a tile's range test is
